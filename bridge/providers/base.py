@@ -1,0 +1,143 @@
+"""The provider adapter contract and the pure helpers adapters share.
+
+An adapter knows one email API and does no I/O: `build_request(message)` returns an
+`httpx.Request`, `interpret_response(response)` returns an `Outcome`. Adapters that
+need more than one round trip (OAuth token grants, upload sessions) override `flow()`,
+a generator that yields requests and receives responses, like httpx's auth flows; the
+delivery worker is the only code that actually sends them.
+
+Adapters never read the clock or the environment. Where a flow needs the time (token
+expiry, request signing) it is handed `now` by the caller.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from abc import ABC, abstractmethod
+from collections.abc import Generator
+from typing import Any, ClassVar, Generic, TypeVar
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from bridge.model import Delivered, Message, Outcome, Permanent, Retryable
+
+__all__ = [
+    "Flow",
+    "Provider",
+    "ProviderSettings",
+    "classify_status",
+    "parse_retry_after",
+]
+
+Flow = Generator[httpx.Request, httpx.Response, Outcome]
+
+
+class ProviderSettings(BaseModel):
+    """Settings every provider account accepts; each provider subclasses it.
+
+    `max_message_size` / `max_recipients` override the provider's published limits
+    (None: use the adapter's default). They are enforced at SMTP time.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str | None = None
+    ca_file: str | None = None
+    max_message_size: int | None = Field(default=None, gt=0)
+    max_recipients: int | None = Field(default=None, gt=0)
+
+
+S = TypeVar("S", bound=ProviderSettings)
+
+
+class Provider(ABC, Generic[S]):
+    """One configured provider account: pure request building and response reading."""
+
+    #: The `type:` value in the config file.
+    type: ClassVar[str]
+    #: The pydantic model for this provider's settings block.
+    settings_model: ClassVar[type[ProviderSettings]]
+    #: The API's own limits, used when the settings do not override them.
+    default_max_message_size: ClassVar[int | None] = None
+    default_max_recipients: ClassVar[int | None] = None
+
+    def __init__(self, settings: S) -> None:
+        self.settings = settings
+
+    @classmethod
+    def parse_settings(cls, raw: dict[str, Any]) -> ProviderSettings:
+        """Validate a settings block; raises pydantic.ValidationError."""
+        return cls.settings_model.model_validate(raw)
+
+    @property
+    def max_message_size(self) -> int | None:
+        """Largest raw message (bytes) this account will take."""
+        return self.settings.max_message_size or self.default_max_message_size
+
+    @property
+    def max_recipients(self) -> int | None:
+        """Most envelope recipients one message may have at this account."""
+        return self.settings.max_recipients or self.default_max_recipients
+
+    @abstractmethod
+    def build_request(self, message: Message) -> httpx.Request:
+        """The HTTP request that sends `message` (envelope recipients only)."""
+
+    @abstractmethod
+    def interpret_response(self, response: httpx.Response) -> Outcome:
+        """Classify the API's answer as delivered, retryable or permanent."""
+
+    def flow(self, message: Message, now: float) -> Flow:
+        """Yield requests, receive responses, return the outcome. One round trip here."""
+        response = yield self.build_request(message)
+        return self.interpret_response(response)
+
+
+def classify_status(response: httpx.Response, *, provider_message_id: str | None = None) -> Outcome:
+    """The default reading of an HTTP status.
+
+    2xx delivered; 408, 429 and 5xx retryable (honouring Retry-After); any other
+    status permanent. The reason carries a short, bounded excerpt of the body so the
+    delivery log says why, without storing a provider's whole error page.
+    """
+    status = response.status_code
+    if 200 <= status < 300:
+        return Delivered(status=status, provider_message_id=provider_message_id)
+    reason = f"HTTP {status}: {body_excerpt(response)}".rstrip(": ")
+    if status in (408, 429) or status >= 500:
+        return Retryable(reason=reason, status=status, retry_after=parse_retry_after(response))
+    return Permanent(reason=reason, status=status)
+
+
+def body_excerpt(response: httpx.Response, limit: int = 300) -> str:
+    """The first `limit` characters of a response body, on one line."""
+    try:
+        text = response.content[: limit * 4].decode("utf-8", errors="replace")
+    except httpx.ResponseNotRead:
+        return ""
+    return " ".join(text.split())[:limit]
+
+
+def parse_retry_after(response: httpx.Response) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date).
+
+    An HTTP-date is measured against the response's own ``Date`` header, so this stays
+    a pure function of the response; without one, the date form is ignored and the
+    retry policy chooses.
+    """
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+        date_header = response.headers.get("date")
+        if date_header is None:
+            return None
+        now = email.utils.parsedate_to_datetime(date_header)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - now).total_seconds())
