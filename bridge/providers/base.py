@@ -12,6 +12,7 @@ expiry, request signing) it is handed `now` by the caller.
 
 from __future__ import annotations
 
+import builtins
 import email.utils
 from abc import ABC, abstractmethod
 from collections.abc import Generator
@@ -54,10 +55,13 @@ S = TypeVar("S", bound=ProviderSettings)
 class Provider(ABC, Generic[S]):
     """One configured provider account: pure request building and response reading."""
 
+    # `settings_model` is declared before `type` on purpose: once a class body binds the
+    # name `type`, mypy reads later `type[...]` annotations in that body as the attribute.
+    # Subclasses: assign `settings_model = XSettings` first, or leave it unannotated.
+    #: The pydantic model for this provider's settings block.
+    settings_model: ClassVar[builtins.type[ProviderSettings]]
     #: The `type:` value in the config file.
     type: ClassVar[str]
-    #: The pydantic model for this provider's settings block.
-    settings_model: ClassVar[type[ProviderSettings]]
     #: The API's own limits, used when the settings do not override them.
     default_max_message_size: ClassVar[int | None] = None
     default_max_recipients: ClassVar[int | None] = None

@@ -56,8 +56,8 @@ def _is_loopback(host: str) -> bool:
 class WebhookProvider(Provider[WebhookSettings]):
     """POSTs message-v1 JSON."""
 
-    type: ClassVar[str] = "webhook"
     settings_model: ClassVar[type[ProviderSettings]] = WebhookSettings
+    type: ClassVar[str] = "webhook"
 
     def build_request(self, message: Message) -> httpx.Request:
         """A POST of the message-v1 document, with the spool id as idempotency key."""
