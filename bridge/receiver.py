@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import hmac
-import http
+import http.client
 import inspect
 import ipaddress
 import itertools
@@ -42,15 +42,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = [
-    "CertPaths",
-    "ReceivedMessage",
-    "Receiver",
-    "ReceiverOptions",
-    "ensure_certificates",
-    "run_receiver",
-    "serve_receiver",
-]
+__all__ = ["CertPaths", "ReceivedMessage", "Receiver", "ReceiverOptions", "ensure_certificates"]
+__all__ += ["run_receiver", "serve_receiver", "summarize"]
 
 DEFAULT_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_DIRECTORY = Path("var/receiver")
@@ -358,13 +351,6 @@ class Receiver:
             await self._server.wait_closed()
             self._server = None
 
-    async def __aenter__(self) -> Receiver:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -474,13 +460,6 @@ class Receiver:
         return status, {"id": file_id}, []
 
 
-def _reason(status: int) -> bytes:
-    try:
-        return http.HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
-
-
 async def _send(
     conn: h11.Connection,
     writer: asyncio.StreamWriter,
@@ -496,7 +475,11 @@ async def _send(
     if conn.their_state is not h11.DONE:
         headers.append(("Connection", "close"))
     for event in (
-        h11.Response(status_code=status, headers=headers, reason=_reason(status)),
+        h11.Response(
+            status_code=status,
+            headers=headers,
+            reason=http.client.responses.get(status, "").encode(),
+        ),
         h11.Data(data=payload),
     ):
         writer.write(conn.send(event) or b"")

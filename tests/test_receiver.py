@@ -1,7 +1,5 @@
 """The local HTTPS receiver: certificates, storage, answers, and robustness against bad peers."""
 
-# ruff: noqa: SIM300  (the project writes asserts as `expected == actual`)
-
 from __future__ import annotations
 
 import asyncio
@@ -314,6 +312,24 @@ class TestRefusals:
         assert answer.startswith(b"HTTP/1.1 400 ")
         assert not plain_answer.startswith(b"HTTP")
         assert 200 == response.status_code
+
+    async def test_silent_connection_is_dropped_without_blocking_others(
+        self, start: Callable[..., Any]
+    ) -> None:
+        """A peer that sends half a request and stalls is cut off; others are served meanwhile."""
+        rec = await start(idle_timeout=0.3)
+        ctx = client_context(rec.cert_paths.ca_cert)
+        reader, writer = await asyncio.open_connection("127.0.0.1", rec.port, ssl=ctx)
+        writer.write(b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{")
+        await writer.drain()
+        async with client(rec) as http:
+            response = await http.post("/messages", json=DOC)
+        leftover = await asyncio.wait_for(reader.read(), timeout=5)
+        writer.close()
+
+        assert 200 == response.status_code
+        assert b"" == leftover
+        assert 1 == len(stored(rec))
 
 
 class TestScripting:
