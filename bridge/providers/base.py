@@ -92,6 +92,10 @@ class Provider(ABC, Generic[S]):
     def interpret_response(self, response: httpx.Response) -> Outcome:
         """Classify the API's answer as delivered, retryable or permanent."""
 
+    def unsupported(self, message: Message) -> tuple[str, ...]:
+        """Parts of `message` this API cannot carry (logged once per message, never silent)."""
+        return ()
+
     def flow(self, message: Message, now: float) -> Flow:
         """Yield requests, receive responses, return the outcome. One round trip here."""
         response = yield self.build_request(message)

@@ -16,7 +16,7 @@ from typing import ClassVar
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from bridge.model import Message, Outcome
 from bridge.payload import message_v1
@@ -29,7 +29,7 @@ class WebhookSettings(ProviderSettings):
     """`type: webhook` settings."""
 
     url: str
-    headers: dict[str, str] = {}
+    headers: dict[str, str] = Field(default_factory=dict)
     include_raw: bool = False
 
     @field_validator("url")

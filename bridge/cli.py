@@ -1,0 +1,275 @@
+"""The `smtp-bridge` command: subcommands, and exceptions turned into exit statuses.
+
+Exit statuses follow sysexits(3) where one fits: 0 success, 1 failure (e.g. not
+ready), 2 usage error (argparse), 66 no such input (EX_NOINPUT), 78 bad configuration
+(EX_CONFIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bridge import __version__
+from bridge.config import Config, load_config_file
+from bridge.errors import ConfigError, SpoolError
+
+__all__ = ["main"]
+
+EX_OK = 0
+EX_FAIL = 1
+EX_NOINPUT = 66
+EX_CONFIG = 78
+
+DEFAULT_CONFIG = "config/bridge.yaml"
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        "-c",
+        default=os.environ.get("SMTP_BRIDGE_CONFIG", DEFAULT_CONFIG),
+        metavar="FILE",
+        help=f"config file (default: $SMTP_BRIDGE_CONFIG or {DEFAULT_CONFIG})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and for --help)."""
+    parser = argparse.ArgumentParser(
+        prog="smtp-bridge",
+        description=(
+            "Accept mail over SMTP, store it durably, and deliver it through an email HTTP API "
+            "(SendGrid, Mailgun, Postmark, SES, Microsoft Graph, Gmail, Resend, Brevo, Mailjet, "
+            "SparkPost, or a JSON webhook)."
+        ),
+        epilog="Exit status: 0 ok, 1 failure, 2 usage, 66 missing input, 78 bad configuration.",
+    )
+    parser.add_argument("--version", action="version", version=f"smtp-bridge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("serve", help="run the daemon (SMTP listener + delivery worker)")
+    _config_arg(p)
+
+    p = sub.add_parser("check-config", help="validate a config file; exit 78 on any problem")
+    p.add_argument("file", nargs="?", metavar="FILE", help="config file to check")
+    _config_arg(p)
+
+    p = sub.add_parser("queue", help="inspect and requeue spooled mail")
+    _config_arg(p)
+    qsub = p.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
+    q = qsub.add_parser("list", help="list entries, newest first")
+    q.add_argument(
+        "--state", choices=["queued", "inflight", "deferred", "delivered", "dead"], default=None
+    )
+    q.add_argument("--limit", type=int, default=50)
+    q.add_argument("--json", action="store_true", help="one JSON object per line")
+    q = qsub.add_parser("show", help="one entry with its delivery log")
+    q.add_argument("id", help="entry id (or a unique prefix of 6+ characters)")
+    q = qsub.add_parser("retry", help="make a deferred or dead entry due now")
+    q.add_argument("id")
+
+    p = sub.add_parser(
+        "receive",
+        help="run a small local HTTPS receiver that stores webhook deliveries (for trying out)",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8443)
+    p.add_argument("--dir", default="var/receiver", help="certificates and messages/ go here")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("WEBHOOK_TOKEN"),
+        help="require 'Authorization: Bearer TOKEN' (default: $WEBHOOK_TOKEN)",
+    )
+
+    p = sub.add_parser("health", help="ask the running daemon's /readyz; exit 0 when ready")
+    _config_arg(p)
+
+    p = sub.add_parser("config", help="config file helpers")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    csub.add_parser("schema", help="print the JSON Schema of the config file (for editors)")
+    return parser
+
+
+def _load(path: str) -> Config:
+    return load_config_file(Path(path), os.environ)
+
+
+def _print_config_error(path: str, exc: ConfigError) -> None:
+    print(f"smtp-bridge: {path}: invalid configuration:", file=sys.stderr)
+    for line in exc.render().splitlines():
+        print(f"  {line}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        _print_config_error(str(getattr(args, "file", None) or getattr(args, "config", "?")), exc)
+        return EX_CONFIG
+    except SpoolError as exc:
+        print(f"smtp-bridge: spool: {exc}", file=sys.stderr)
+        return EX_FAIL
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "check-config":
+        return _check_config(args)
+    if args.command == "queue":
+        return asyncio.run(_queue(args))
+    if args.command == "receive":
+        return _receive(args)
+    if args.command == "health":
+        return _health(args)
+    if args.command == "config":
+        return _config_schema()
+    raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from bridge.app import serve
+    from bridge.logs import configure_logging
+
+    config = _load(args.config)
+    configure_logging(config.logging.level, config.logging.format)
+    return asyncio.run(serve(config))
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    path = args.file or args.config
+    config = _load(path)
+    print(
+        f"{path}: OK ({len(config.providers)} provider account(s), {len(config.routes)} route(s), "
+        f"listening on {config.listen.host}:{config.listen.port})"
+    )
+    return EX_OK
+
+
+async def _queue(args: argparse.Namespace) -> int:
+    from bridge.spool import Spool, State
+
+    config = _load(args.config)
+    path = config.resolve_path(config.spool.path)
+    if not path.exists():
+        print(f"smtp-bridge: no spool at {path} (has the daemon run yet?)", file=sys.stderr)
+        return EX_NOINPUT
+    spool = Spool(path, retention=config.spool.retention)
+    await spool.open()
+    try:
+        if args.queue_command == "list":
+            state = State(args.state) if args.state else None
+            entries = await spool.list(state=state, limit=args.limit)
+            if not args.json:
+                print(
+                    f"{'ID':26}  {'STATE':9}  {'TRIES':>5}  {'ACCEPTED':19}  "
+                    "RECIPIENTS / LAST ERROR"
+                )
+            for e in entries:
+                if args.json:
+                    print(json.dumps(_entry_doc(e), ensure_ascii=False))
+                    continue
+                rcpts = ", ".join(e.envelope.rcpt_to)
+                line = f"{e.id:26}  {e.state.value:9}  {e.attempts:5}  {_ts(e.created_at)}  {rcpts}"
+                if e.last_error:
+                    line += f"  [{e.last_error[:80]}]"
+                print(line)
+            return EX_OK
+        entry = await spool.get(args.id)
+        if entry is None:
+            print(f"smtp-bridge: no entry {args.id}", file=sys.stderr)
+            return EX_NOINPUT
+        if args.queue_command == "retry":
+            if await spool.retry_now(entry.id):
+                print(f"{entry.id}: due now (the running daemon picks it up)")
+                return EX_OK
+            print(f"smtp-bridge: {entry.id} is {entry.state.value}; only deferred or dead "
+                  "entries with a stored body can be retried", file=sys.stderr)  # fmt: skip
+            return EX_FAIL
+        doc = _entry_doc(entry)
+        for key, value in doc.items():
+            print(f"{key:20} {value}")
+        print("attempts:")
+        for a in await spool.attempts(entry.id):
+            status = a.status if a.status is not None else "-"
+            took = (a.ended_at - a.started_at) * 1000
+            line = (
+                f"  #{a.attempt} {_ts(a.started_at)} {a.provider} {a.outcome} {status} {took:.0f}ms"
+            )
+            print(f"{line} {a.detail or ''}".rstrip())
+        return EX_OK
+    finally:
+        await spool.close()
+
+
+def _entry_doc(e: object) -> dict[str, object]:
+    from bridge.spool import Entry
+
+    assert isinstance(e, Entry)
+    return {
+        "id": e.id,
+        "state": e.state.value,
+        "attempts": e.attempts,
+        "provider": e.provider,
+        "route": e.route,
+        "mail_from": e.envelope.mail_from or "<>",
+        "rcpt_to": ", ".join(e.envelope.rcpt_to),
+        "message_id": e.message_id,
+        "size": e.size,
+        "accepted_at": _ts(e.created_at),
+        "next_attempt_at": _ts(e.next_at) if e.state.value in ("queued", "deferred") else None,
+        "updated_at": _ts(e.updated_at),
+        "last_status": e.last_status,
+        "last_error": e.last_error,
+        "provider_message_id": e.provider_message_id,
+    }
+
+
+def _ts(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _receive(args: argparse.Namespace) -> int:
+    from bridge.receiver import run_receiver
+
+    return run_receiver(host=args.host, port=args.port, directory=Path(args.dir), token=args.token)
+
+
+def _health(args: argparse.Namespace) -> int:
+    import httpx
+
+    config = _load(args.config)
+    url = f"http://{config.health.host}:{config.health.port}/readyz"
+    try:
+        response = httpx.get(url, timeout=5)
+    except httpx.HTTPError as exc:
+        print(f"not ready: cannot reach {url}: {exc}", file=sys.stderr)
+        return EX_FAIL
+    text = response.text.strip()
+    if response.status_code == 200:
+        print(text)
+        return EX_OK
+    print(f"not ready: {text}", file=sys.stderr)
+    return EX_FAIL
+
+
+def _config_schema() -> int:
+    from bridge.config import _Document
+
+    print(json.dumps(_Document.model_json_schema(), indent=2))
+    return EX_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

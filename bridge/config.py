@@ -1,0 +1,418 @@
+"""Configuration: YAML text + an environment mapping → one frozen, validated `Config`.
+
+`load_config(text, env)` does all the work and raises `ConfigError` listing *every*
+problem with its key path (``routes[0].provider: no provider account named 'x'``). It
+never exits; only `cli.py` turns the error into exit status 78.
+
+Two expansions happen before validation, so they work in every section:
+
+* ``${VAR}`` (and ``${VAR:-default}``) in any string value is replaced from `env`; an
+  unset variable without a default is a problem at that key path. ``$$`` is a literal ``$``.
+* A key ``NAME_file`` whose model has a field ``NAME`` (and no field ``NAME_file``) is
+  read from that file at load time, trailing newline stripped: ``api_key_file:
+  /run/credentials/smtp-bridge/sendgrid``. Paths such as ``ca_file`` stay paths.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from bridge import providers
+from bridge.errors import ConfigError, KeyPath
+from bridge.providers.base import ProviderSettings
+
+__all__ = [
+    "Config",
+    "DeliveryConfig",
+    "ListenConfig",
+    "LoggingConfig",
+    "ProviderAccount",
+    "RetryConfig",
+    "Route",
+    "SpoolConfig",
+    "load_config",
+    "load_config_file",
+    "parse_duration",
+    "parse_size",
+]
+
+# --------------------------------------------------------------------------- value types
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*")
+_DURATION_UNITS = {
+    "ms": 0.001,
+    "s": 1.0,
+    None: 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+    "w": 604800.0,
+}
+
+
+def parse_duration(value: object) -> float:
+    """``"10s"``, ``"500ms"``, ``"10m"``, ``"7d"`` or a bare number of seconds → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 10s, 5m or 7d")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.fullmatch(value)):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ValueError("expected a duration such as 10s, 5m or 7d")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024, "m": 1000**2,
+               "mb": 1000**2, "mib": 1024**2, "mi": 1024**2, "g": 1000**3, "gb": 1000**3,
+               "gib": 1024**3, "gi": 1024**3}  # fmt: skip
+
+
+def parse_size(value: object) -> int:
+    """``26214400``, ``"25MiB"`` or ``"10MB"`` → bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size in bytes such as 26214400 or 25MiB")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.fullmatch(value)):
+        size = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
+    else:
+        raise ValueError("expected a size in bytes such as 26214400 or 25MiB")
+    if size < 0:
+        raise ValueError("a size cannot be negative")
+    return size
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class _Section(BaseModel):
+    """Strict, frozen config section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class ListenConfig(_Section):
+    """``listen:`` the SMTP side."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=2525, ge=0, le=65535)
+    hostname: str = "smtp-bridge.local"
+    max_message_size: Annotated[Size, Field(gt=0)] = 26214400
+    max_recipients: int = Field(default=1000, gt=0)
+    #: Seconds a client may idle between commands before the session is closed.
+    timeout: Duration = 300.0
+
+
+class SpoolConfig(_Section):
+    """``spool:`` where accepted mail waits, and how long the delivery log is kept."""
+
+    path: str = "var/spool.sqlite3"
+    retention: Duration = 7 * 86400.0
+    #: Most undelivered entries the spool holds; beyond it new mail gets 452 (try later).
+    max_entries: int = Field(default=100_000, gt=0)
+    #: Free disk space kept back for bookkeeping and WAL checkpoints (see spool.py).
+    min_free_space: Size = 1024 * 1024
+
+
+class RetryConfig(_Section):
+    """``delivery.retry:`` exponential backoff with full jitter, bounded by age."""
+
+    first_delay: Duration = 10.0
+    max_delay: Duration = 600.0
+    max_age: Duration = 5 * 86400.0
+    #: Optional cap on attempts; None means only `max_age` ends retrying (as Postfix).
+    max_attempts: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _delays_ordered(self) -> RetryConfig:
+        if self.max_delay < self.first_delay:
+            raise ValueError("max_delay must not be shorter than first_delay")
+        return self
+
+
+class DeliveryConfig(_Section):
+    """``delivery:`` the worker pool."""
+
+    concurrency: int = Field(default=32, gt=0, le=1024)
+    timeout: Duration = 30.0
+    retry: RetryConfig = RetryConfig()
+    shutdown_grace: Duration = 30.0
+
+
+class RouteMatch(_Section):
+    """``routes[].match:`` glob patterns; a bare domain means ``*@domain``."""
+
+    recipients: tuple[str, ...] = ("*",)
+    sender: tuple[str, ...] | None = None
+
+
+class Route(_Section):
+    """``routes[]:`` which provider account delivers which recipients."""
+
+    name: str | None = None
+    match: RouteMatch = RouteMatch()
+    provider: str
+    #: `from` for mail that has no From header and a null envelope sender.
+    default_sender: str | None = None
+
+
+class LoggingConfig(_Section):
+    """``logging:``."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class HealthConfig(_Section):
+    """``health:`` the loopback HTTP endpoint with /metrics, /healthz and /readyz."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=9025, ge=0, le=65535)
+    #: /readyz fails when the oldest due entry has waited longer than this.
+    stale_after: Duration = 3600.0
+
+
+class ProviderAccount(BaseModel):
+    """One named provider account: its `type` and its validated settings."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    name: str
+    type: str
+    settings: ProviderSettings
+
+
+class Config(BaseModel):
+    """The whole, validated configuration."""
+
+    model_config = ConfigDict(frozen=True)
+
+    listen: ListenConfig = ListenConfig()
+    spool: SpoolConfig = SpoolConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    providers: dict[str, ProviderAccount]
+    routes: tuple[Route, ...]
+    logging: LoggingConfig = LoggingConfig()
+    health: HealthConfig = HealthConfig()
+    #: Directory relative paths (spool, ca_file) are resolved against: the config file's.
+    base_dir: Path = Path()
+
+    def resolve_path(self, value: str) -> Path:
+        """A path from the config, relative ones taken from the current directory.
+
+        Relative paths are relative to the working directory (as `make run` and the
+        systemd unit's WorkingDirectory= expect), not to the file.
+        """
+        path = Path(value)
+        return path if path.is_absolute() else self.base_dir / path
+
+
+class _Document(_Section):
+    """The top level as written, before provider settings are validated."""
+
+    listen: ListenConfig = ListenConfig()
+    spool: SpoolConfig = SpoolConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    providers: dict[str, dict[str, Any]] = Field(min_length=1)
+    routes: list[Route] = Field(min_length=1)
+    logging: LoggingConfig = LoggingConfig()
+    health: HealthConfig = HealthConfig()
+
+
+# --------------------------------------------------------------------------- loading
+
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(
+    node: Any, env: Mapping[str, str], path: KeyPath, problems: list[tuple[KeyPath, str]]
+) -> Any:
+    """Replace ``${VAR}`` in every string of the tree; collect unset variables."""
+    if isinstance(node, dict):
+        return {k: _expand(v, env, (*path, str(k)), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, env, (*path, i), problems) for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def repl(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        problems.append((path, f"environment variable {name} is not set"))
+        return ""
+
+    return _ENV_REF.sub(repl, node)
+
+
+def _read_file_keys(
+    raw: dict[str, Any],
+    fields: Mapping[str, Any],
+    path: KeyPath,
+    problems: list[tuple[KeyPath, str]],
+) -> dict[str, Any]:
+    """Turn ``NAME_file: PATH`` into ``NAME: <file contents>`` where NAME is a field."""
+    out = dict(raw)
+    for key in list(raw):
+        if not (isinstance(key, str) and key.endswith("_file")):
+            continue
+        target = key[: -len("_file")]
+        if key in fields or target not in fields:
+            continue
+        if target in raw:
+            problems.append(((*path, key), f"give either {target} or {key}, not both"))
+            continue
+        try:
+            out[target] = Path(str(raw[key])).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            problems.append(((*path, key), f"cannot read {raw[key]}: {exc.strerror or exc}"))
+            # A stand-in value, and an empty problem that hides the validation error it
+            # would cause at `target` (see _first_per_path).
+            out[target] = ""
+            problems.append(((*path, target), ""))
+        del out[key]
+    return out
+
+
+def _problems_from(exc: ValidationError, prefix: KeyPath) -> list[tuple[KeyPath, str]]:
+    out: list[tuple[KeyPath, str]] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif err["type"] == "missing":
+            message = "required key is missing"
+        elif message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        out.append(((*prefix, *loc), message))
+    return out
+
+
+def _first_per_path(problems: list[tuple[KeyPath, str]]) -> list[tuple[KeyPath, str]]:
+    """One problem per key: an unset ${VAR} explains the invalid value it leaves behind.
+
+    An empty message marks a key whose later problems are consequences of an earlier one.
+    """
+    seen: set[KeyPath] = set()
+    out = []
+    for path, message in problems:
+        if path not in seen:
+            seen.add(path)
+            if message:
+                out.append((path, message))
+    return out
+
+
+def load_config(text: str, env: Mapping[str, str], *, base_dir: Path | None = None) -> Config:
+    """Parse and validate a config document.
+
+    Args:
+        text: The YAML document.
+        env: Environment used for ``${VAR}`` references.
+        base_dir: Directory that relative paths are resolved against (default: cwd).
+
+    Returns:
+        The frozen `Config`.
+
+    Raises:
+        ConfigError: with every problem found, each with its key path.
+    """
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError([((), f"{where}{problem}")]) from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError([((), "the config file must be a mapping of sections")])
+
+    problems: list[tuple[KeyPath, str]] = []
+    doc = _expand(doc, env, (), problems)
+    try:
+        top = _Document.model_validate(doc)
+    except ValidationError as exc:
+        problems.extend(_problems_from(exc, ()))
+        raise ConfigError(_first_per_path(problems)) from None
+
+    accounts: dict[str, ProviderAccount] = {}
+    for name, block in top.providers.items():
+        path: KeyPath = ("providers", name)
+        if not isinstance(block, dict):
+            problems.append((path, "must be a mapping with a type key"))
+            continue
+        type_name = block.get("type")
+        if type_name not in providers.REGISTRY:
+            known = ", ".join(sorted(providers.REGISTRY))
+            problems.append(
+                ((*path, "type"), f"unknown provider type {type_name!r} (one of: {known})")
+            )
+            continue
+        cls = providers.get(type_name)
+        settings_raw = {k: v for k, v in block.items() if k != "type"}
+        settings_raw = _read_file_keys(
+            settings_raw, cls.settings_model.model_fields, path, problems
+        )
+        try:
+            settings = cls.parse_settings(settings_raw)
+        except ValidationError as exc:
+            problems.extend(_problems_from(exc, path))
+            continue
+        accounts[name] = ProviderAccount(name=name, type=type_name, settings=settings)
+
+    for i, route in enumerate(top.routes):
+        if route.provider not in top.providers:
+            problems.append(
+                (("routes", i, "provider"), f"no provider account named {route.provider!r}")
+            )
+
+    if problems:
+        raise ConfigError(_first_per_path(problems))
+    return Config(
+        listen=top.listen,
+        spool=top.spool,
+        delivery=top.delivery,
+        providers=accounts,
+        routes=tuple(top.routes),
+        logging=top.logging,
+        health=top.health,
+        base_dir=base_dir or Path(),
+    )
+
+
+def load_config_file(path: Path, env: Mapping[str, str]) -> Config:
+    """Read `path` and `load_config` it; an unreadable file is a ConfigError too."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([((), f"cannot read {path}: {exc.strerror or exc}")]) from None
+    return load_config(text, env)

@@ -1,0 +1,319 @@
+"""The delivery worker: the only code that sends HTTP.
+
+For each due entry: parse the stored bytes (pure), let the provider adapter build its
+requests (pure), send them over the shared client, read the outcome (pure), let the
+retry policy decide (pure), record it in the spool. Foreign exceptions are translated
+here, in one table, and nowhere else; nothing above this module catches httpx errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import structlog
+
+from bridge import health
+from bridge.config import Config
+from bridge.mime import parse_message
+from bridge.model import Delivered, Outcome, Permanent, Retryable
+from bridge.providers.base import Provider, ProviderSettings
+from bridge.retry import Ack, DeadLetter, RetryAt, decide
+from bridge.spool import Claim, Spool, State
+
+__all__ = ["DeliveryWorker", "build_clients", "send_flow"]
+
+log = structlog.get_logger("bridge.delivery")
+
+#: httpx exception → reason. Every transport failure is retryable: the request may or
+#: may not have reached the provider, and at-least-once delivery means we try again.
+_TRANSPORT_ERRORS: tuple[tuple[type[httpx.HTTPError], str], ...] = (
+    (httpx.ConnectTimeout, "timed out connecting"),
+    (httpx.TimeoutException, "timed out waiting for the API"),
+    (httpx.ConnectError, "could not connect"),
+    (httpx.NetworkError, "network error"),
+    (httpx.RemoteProtocolError, "the API broke the HTTP protocol"),
+    (httpx.HTTPError, "HTTP error"),
+)
+
+
+def _transport_outcome(exc: httpx.HTTPError) -> Retryable:
+    for cls, reason in _TRANSPORT_ERRORS:
+        if isinstance(exc, cls):
+            detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            return Retryable(reason=f"{reason}: {detail}")
+    raise AssertionError("unreachable: httpx.HTTPError is the last row")  # pragma: no cover
+
+
+def build_clients(
+    config: Config, accounts: Mapping[str, Provider[ProviderSettings]]
+) -> dict[str, httpx.AsyncClient]:
+    """One AsyncClient per distinct CA setting, shared by the accounts that use it.
+
+    TLS verification is always on; `ca_file` only changes which CAs are trusted.
+    """
+    timeout = httpx.Timeout(config.delivery.timeout)
+    limits = httpx.Limits(
+        max_connections=config.delivery.concurrency,
+        max_keepalive_connections=config.delivery.concurrency,
+    )
+    by_ca: dict[str | None, httpx.AsyncClient] = {}
+    out: dict[str, httpx.AsyncClient] = {}
+    for name, provider in accounts.items():
+        ca = provider.settings.ca_file
+        if ca not in by_ca:
+            verify: ssl.SSLContext | bool = True
+            if ca is not None:
+                verify = ssl.create_default_context(cafile=str(config.resolve_path(ca)))
+            by_ca[ca] = httpx.AsyncClient(
+                verify=verify, timeout=timeout, limits=limits, follow_redirects=False
+            )
+        out[name] = by_ca[ca]
+    return out
+
+
+async def send_flow(
+    provider: Provider[ProviderSettings],
+    message: Any,
+    client: httpx.AsyncClient,
+    now: float,
+) -> Outcome:
+    """Drive a provider's request/response flow over `client`; transport errors → Retryable."""
+    flow = provider.flow(message, now)
+    try:
+        request = next(flow)
+        while True:
+            try:
+                response = await client.send(request)
+            except httpx.HTTPError as exc:
+                return _transport_outcome(exc)
+            try:
+                request = flow.send(response)
+            except StopIteration as stop:
+                result: Outcome = stop.value
+                return result
+    finally:
+        flow.close()
+
+
+class DeliveryWorker:
+    """Takes due entries from the spool and delivers them, `concurrency` at a time.
+
+    Args:
+        config: The validated configuration.
+        spool: The open spool.
+        accounts: Provider adapter per account name.
+        clients: HTTP client per account name (see `build_clients`).
+        clock: Unix time source.
+        rng: Jitter source for the retry policy.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        accounts: Mapping[str, Provider[ProviderSettings]],
+        clients: Mapping[str, httpx.AsyncClient],
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.accounts = accounts
+        self.clients = clients
+        self.clock = clock
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        self.concurrency = config.delivery.concurrency
+        self._wake = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    def wake(self) -> None:
+        """New mail was queued: look for due work now."""
+        self._wake.set()
+
+    @property
+    def inflight(self) -> int:
+        """Attempts running right now."""
+        return len(self._inflight)
+
+    async def run_once(self) -> int:
+        """Claim every entry due now, attempt each once, wait for all. Returns the count.
+
+        The burst mode tests use: no sleeping, no polling.
+        """
+        total = 0
+        while True:
+            claims = await self.spool.claim_due(self.clock(), self.concurrency)
+            if not claims:
+                return total
+            await asyncio.gather(*(self._attempt(c) for c in claims))
+            total += len(claims)
+
+    async def run_forever(self) -> None:
+        """Deliver until `stop()`; sleeps until the next due time or a wake-up."""
+        last_purge = 0.0
+        while not self._stopping:
+            now = self.clock()
+            if now - last_purge > 3600:
+                last_purge = now
+                with contextlib.suppress(Exception):
+                    await self.spool.purge(now)
+            free = self.concurrency - len(self._inflight)
+            claims = await self.spool.claim_due(now, free) if free > 0 else []
+            for claim in claims:
+                task = asyncio.create_task(self._attempt(claim))
+                self._inflight.add(task)
+                task.add_done_callback(self._done)
+            if claims and len(claims) == free:
+                # The pool is full: wait for a slot before claiming more.
+                await self._wait_for_slot()
+                continue
+            await self._sleep_until_due()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery_task_failed", exc_info=task.exception())
+
+    async def _wait_for_slot(self) -> None:
+        self._wake.clear()
+        if len(self._inflight) >= self.concurrency:
+            await self._wake.wait()
+
+    async def _sleep_until_due(self) -> None:
+        self._wake.clear()
+        next_due = await self.spool.next_due_at()
+        timeout = 60.0 if next_due is None else max(0.0, next_due - self.clock())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=min(timeout, 60.0))
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; let attempts in flight finish for up to `grace` seconds.
+
+        Attempts still running after that are cancelled; their entries stay inflight in
+        the spool and `recover()` makes them due at the next start (at-least-once).
+        """
+        self._stopping = True
+        self._wake.set()
+        if self._inflight:
+            _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+
+    async def _attempt(self, claim: Claim) -> None:
+        entry = claim.entry
+        started = self.clock()
+        t0 = time.monotonic()
+        route = self.config.routes[entry.route] if entry.route < len(self.config.routes) else None
+        provider = self.accounts.get(entry.provider)
+        bound = structlog.contextvars.bound_contextvars(
+            spool_id=entry.id, provider=entry.provider, attempt=entry.attempts
+        )
+        with bound:
+            message = None
+            if provider is None:
+                outcome: Outcome = Retryable(
+                    reason=f"provider account {entry.provider!r} is not configured"
+                )
+            else:
+                try:
+                    message = parse_message(
+                        claim.raw,
+                        entry.envelope,
+                        id=entry.id,
+                        received_at=datetime.fromtimestamp(entry.created_at, UTC),
+                        default_sender=route.default_sender if route else None,
+                    )
+                    if entry.attempts == 1:
+                        missing = provider.unsupported(message)
+                        if missing:
+                            log.warning("provider_cannot_carry", features=list(missing))
+                    outcome = await send_flow(
+                        provider, message, self.clients[entry.provider], started
+                    )
+                except Exception as exc:
+                    # A bug of ours (parser, adapter) must not strand the entry inflight:
+                    # it is retried, and a fixed release can deliver it.
+                    log.error("delivery_internal_error", exc_info=exc)
+                    outcome = Retryable(reason=f"internal error: {type(exc).__name__}")
+            decision = decide(
+                self.config.delivery.retry,
+                attempt=entry.attempts,
+                accepted_at=entry.created_at,
+                outcome=outcome,
+                now=self.clock(),
+                rng=self.rng,
+            )
+            # Bookkeeping must land even if shutdown cancels us now: shield it.
+            await asyncio.shield(self._record(claim, outcome, decision, started))
+            health.DELIVERY_ATTEMPTS.labels(provider=entry.provider, outcome=_label(outcome)).inc()
+            log.info(
+                "delivery_attempt",
+                route=route.name if route and route.name else entry.route,
+                message_id=message.message_id if message else entry.message_id,
+                outcome=_label(outcome),
+                status=getattr(outcome, "status", None),
+                reason=getattr(outcome, "reason", None),
+                provider_message_id=getattr(outcome, "provider_message_id", None),
+                decision=type(decision).__name__,
+                next_at=decision.when if isinstance(decision, RetryAt) else None,
+                duration_ms=round((time.monotonic() - t0) * 1000, 1),
+                recipients=len(entry.envelope.rcpt_to),
+            )
+
+    async def _record(
+        self, claim: Claim, outcome: Outcome, decision: object, started: float
+    ) -> None:
+        entry = claim.entry
+        status = getattr(outcome, "status", None)
+        if isinstance(decision, Ack):
+            assert isinstance(outcome, Delivered)
+            await self.spool.finish(
+                entry,
+                state=State.DELIVERED,
+                started_at=started,
+                outcome="delivered",
+                status=status,
+                provider_message_id=outcome.provider_message_id,
+            )
+        elif isinstance(decision, RetryAt):
+            await self.spool.finish(
+                entry,
+                state=State.DEFERRED,
+                started_at=started,
+                outcome="retry",
+                status=status,
+                detail=getattr(outcome, "reason", None),
+                next_at=decision.when,
+            )
+        else:
+            assert isinstance(decision, DeadLetter)
+            await self.spool.finish(
+                entry,
+                state=State.DEAD,
+                started_at=started,
+                outcome="permanent" if isinstance(outcome, Permanent) else "expired",
+                status=status,
+                detail=decision.reason,
+            )
+            log.warning("delivery_dead", reason=decision.reason)
+
+
+def _label(outcome: Outcome) -> str:
+    if isinstance(outcome, Delivered):
+        return "delivered"
+    if isinstance(outcome, Retryable):
+        return "retry"
+    return "permanent"

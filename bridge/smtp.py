@@ -1,0 +1,456 @@
+"""The SMTP edge: aiosmtpd, adjusted for real clients, and the handler that spools.
+
+The handler turns the SMTP dialogue into calls and reply lines, nothing more: RCPT asks
+`routing` where a recipient goes, DATA hands the bytes to the spool and answers 250 only
+after the spool's commit has returned. Delivery happens later, in `delivery.py`.
+
+Every aiosmtpd override lives in `BridgeSMTP`, each with the client behaviour it serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import structlog
+from aiosmtpd.smtp import MISSING as _MISSING  # the "no hook answered" sentinel
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+
+from bridge import health
+from bridge.config import Config, Route
+from bridge.errors import SpoolError
+from bridge.model import Envelope as BridgeEnvelope
+from bridge.providers.base import Provider, ProviderSettings
+from bridge.routing import resolve, split_by_route
+from bridge.spool import NewEntry, Spool
+
+__all__ = ["BridgeHandler", "BridgeSMTP", "Reply", "create_smtp_server"]
+
+log = structlog.get_logger("bridge.smtp")
+
+
+class Reply:
+    """Every reply line the bridge chooses itself, named (RFC 5321 §4.2, RFC 3463 codes)."""
+
+    OK = "250 2.0.0 OK"
+    SENDER_OK = "250 2.1.0 Sender OK"
+    RECIPIENT_OK = "250 2.1.5 Recipient OK"
+    QUEUED = "250 2.0.0 Queued as {id}"
+    SYNTAX_MAIL = "501 5.5.4 Syntax: MAIL FROM:<address> [parameters]"
+    SYNTAX_RCPT = "501 5.5.4 Syntax: RCPT TO:<address> [parameters]"
+    BAD_ADDRESS = "553 5.1.3 Malformed address"
+    BAD_PARAM = "555 5.5.4 MAIL/RCPT parameter not recognized"
+    BAD_BODY = "501 5.5.4 BODY must be 7BIT or 8BITMIME"
+    NESTED_MAIL = "503 5.5.1 Sender already given"
+    NEED_MAIL = "503 5.5.1 Need MAIL command first"
+    NEED_RCPT = "503 5.5.1 Need RCPT command first"
+    SYNTAX_DATA = "501 5.5.4 Syntax: DATA"
+    START_DATA = "354 End data with <CR><LF>.<CR><LF>"
+    TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+    TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
+    NO_ROUTE = "550 5.1.1 Recipient not accepted here"
+    TEMPFAIL = "451 4.3.0 Temporary failure, please try again later"
+
+
+# Parameters RFC 5321 clients send on MAIL/RCPT that we accept. We advertise SIZE,
+# 8BITMIME and SMTPUTF8; AUTH= (RFC 4954 §5, sent as AUTH=<> by Office 365 and vCenter),
+# and the DSN parameters (RFC 3461: RET, ENVID, NOTIFY, ORCPT) are accepted and ignored,
+# because refusing them (aiosmtpd answers 555) loses the mail of clients that always send
+# them, while ignoring them only means no DSN options are honoured.
+_MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "AUTH", "RET", "ENVID"}
+_RCPT_PARAMS = {"NOTIFY", "ORCPT"}
+
+
+class _Envelope(Envelope):
+    """aiosmtpd's envelope plus a flag: the null sender ``<>`` is a given MAIL FROM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mail_given = False
+
+
+def _parse_params(words: Sequence[str]) -> dict[str, str | bool] | None:
+    out: dict[str, str | bool] = {}
+    for word in words:
+        key, eq, value = word.partition("=")
+        if not key.isalnum() or (eq and not value):
+            return None
+        out[key.upper()] = value if eq else True
+    return out
+
+
+class BridgeSMTP(SMTP):
+    """aiosmtpd's protocol with the changes real clients need.
+
+    * MAIL FROM:<> (bounces, DSNs) is a valid reverse-path; aiosmtpd answers 501.
+    * MAIL/RCPT parameters AUTH=<>, RET=, ENVID=, NOTIFY=, ORCPT= are accepted, and
+      parameters are accepted after HELO too (printers send SIZE= regardless).
+    * DATA is read by our own loop: body lines longer than 998 octets (QQ/WeChat,
+      Proofpoint) and bare-LF messages (NAS boxes, cron) are accepted; only CRLF.CRLF
+      ends DATA, so LF.LF and friends cannot smuggle a second message; an over-size
+      message is read to its end and answered with exactly one 552.
+    * The AUTH LOGIN challenges are ``Username:`` / ``Password:`` (draft-murchison-sasl-
+      login), which Xerox MFPs, Go's net/smtp and curl require.
+    """
+
+    AuthLoginUsernameChallenge = "Username:"
+    AuthLoginPasswordChallenge = "Password:"
+
+    def _create_envelope(self) -> _Envelope:
+        return _Envelope()
+
+    def _env_(self) -> _Envelope:
+        # A method, not a property: aiosmtpd's __init__ runs inspect.getmembers(self),
+        # which would evaluate a property before any envelope exists.
+        envelope = self.envelope
+        assert isinstance(envelope, _Envelope)
+        return envelope
+
+    def _reset_envelope(self) -> None:
+        self.envelope = self._create_envelope()
+
+    def _address(self, arg: str) -> tuple[str | None, str]:
+        """(address, rest); address None when malformed, "" for the null path."""
+        stripped = arg.lstrip()
+        if stripped.startswith("<>"):
+            return "", stripped[2:]
+        if stripped.startswith("<") and ">" not in stripped:
+            # email's get_angle_addr repairs an unclosed bracket; a mail path must not.
+            return None, ""
+        address, rest = self._getaddr(stripped)
+        if address is None:
+            return None, ""
+        try:
+            # SMTPUTF8 arguments arrive as UTF-8 with surrogateescape; refuse invalid UTF-8
+            # here rather than carry surrogates into the spool and the JSON payloads.
+            address.encode("utf-8")
+        except UnicodeEncodeError:
+            return None, ""
+        return address, rest or ""
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
+            return
+        keyword_rest = self._strip_command_keyword("FROM:", arg or "")
+        if keyword_rest is None:
+            await self.push(Reply.SYNTAX_MAIL)
+            return
+        if self._env_().mail_given:
+            await self.push(Reply.NESTED_MAIL)
+            return
+        address, rest = self._address(keyword_rest)
+        if address is None:
+            await self.push(Reply.BAD_ADDRESS)
+            return
+        params = _parse_params(rest.split())
+        if params is None:
+            await self.push(Reply.SYNTAX_MAIL)
+            return
+        unknown = set(params) - _MAIL_PARAMS
+        if unknown:
+            await self.push(Reply.BAD_PARAM)
+            return
+        body = params.get("BODY", "7BIT")
+        if not isinstance(body, str) or body.upper() not in ("7BIT", "8BITMIME"):
+            await self.push(Reply.BAD_BODY)
+            return
+        size = params.get("SIZE")
+        if size is not None:
+            if not isinstance(size, str) or not size.isdigit():
+                await self.push(Reply.SYNTAX_MAIL)
+                return
+            if self.data_size_limit and int(size) > self.data_size_limit:
+                await self.push(Reply.TOO_BIG)
+                return
+        status = await self._call_handler_hook("MAIL", address, rest.split())
+        if status is None or status is _MISSING or str(status).startswith("250"):
+            self._env_().mail_from = address
+            self._env_().mail_given = True
+            self._env_().smtp_utf8 = params.get("SMTPUTF8") is True
+            self._env_().mail_options.extend(rest.split())
+            status = Reply.SENDER_OK if status in (None, _MISSING) else status
+        await self.push(status)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("RCPT"):
+            return
+        if not self._env_().mail_given:
+            await self.push(Reply.NEED_MAIL)
+            return
+        keyword_rest = self._strip_command_keyword("TO:", arg or "")
+        if keyword_rest is None:
+            await self.push(Reply.SYNTAX_RCPT)
+            return
+        address, rest = self._address(keyword_rest)
+        if not address:
+            await self.push(Reply.BAD_ADDRESS if address is None else Reply.SYNTAX_RCPT)
+            return
+        params = _parse_params(rest.split())
+        if params is None:
+            await self.push(Reply.SYNTAX_RCPT)
+            return
+        if set(params) - _RCPT_PARAMS:
+            await self.push(Reply.BAD_PARAM)
+            return
+        status = await self._call_handler_hook("RCPT", address, rest.split())
+        if status is _MISSING:
+            status = Reply.RECIPIENT_OK
+        if str(status).startswith("250"):
+            self._env_().rcpt_tos.append(address)
+            self._env_().rcpt_options.extend(rest.split())
+        await self.push(status)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        if not self._env_().rcpt_tos:
+            await self.push(Reply.NEED_RCPT)
+            return
+        if arg:
+            await self.push(Reply.SYNTAX_DATA)
+            return
+        await self.push(Reply.START_DATA)
+        data, too_big = await self._read_data()
+        if too_big:
+            self._reset_envelope()
+            await self.push(Reply.TOO_BIG)
+            return
+        self._env_().content = data
+        self._env_().original_content = data
+        status = await self._call_handler_hook("DATA")
+        self._reset_envelope()
+        await self.push(Reply.OK if status is _MISSING else status)
+
+    async def _read_data(self) -> tuple[bytes, bool]:
+        """Read DATA up to CRLF.CRLF; returns (dot-unstuffed bytes, over the limit).
+
+        A "line" is what ends in CRLF; bare LF is ordinary data (RFC 5321 §4.1.1.4:
+        the end of data is CRLF.CRLF and nothing else). Segments longer than the
+        stream limit come in pieces; only a piece that starts a line is unstuffed.
+        """
+        reader: asyncio.StreamReader = self._reader
+        limit = self.data_size_limit
+        buf = bytearray()
+        size = 0
+        too_big = False
+        at_line_start = True
+        while True:
+            try:
+                piece = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                piece = await reader.readexactly(exc.consumed)
+            self._reset_timeout()
+            if at_line_start:
+                if piece == b".\r\n":
+                    break
+                if piece.startswith(b"."):
+                    piece = piece[1:]
+            at_line_start = piece.endswith(b"\r\n")
+            size += len(piece)
+            if too_big:
+                continue
+            if limit and size > limit:
+                # Keep reading to the end so the rest is not taken as commands
+                # (aio-libs/aiosmtpd#29), but keep nothing.
+                too_big = True
+                buf.clear()
+                continue
+            buf += piece
+        return bytes(buf), too_big
+
+
+class BridgeHandler:
+    """aiosmtpd handler hooks: route at RCPT, spool at DATA, 451 on our own faults.
+
+    Args:
+        config: The validated configuration.
+        spool: Where accepted mail goes.
+        accounts: The provider adapter of every account, by account name.
+        on_queued: Called after every successful spool write (wakes the worker).
+        clock: Unix time source.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        accounts: Mapping[str, Provider[ProviderSettings]],
+        *,
+        on_queued: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.routes: Sequence[Route] = config.routes
+        self.spool = spool
+        self.accounts = accounts
+        self.on_queued = on_queued
+        self.clock = clock
+        #: DATA commands between end-of-data and their reply (shutdown waits for them).
+        self.busy = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """Add PIPELINING and ENHANCEDSTATUSCODES, which aiosmtpd supports but omits."""
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        """Refuse recipients no route takes, and recipients beyond a limit (452: try later)."""
+        index = resolve(address, envelope.mail_from or "", self.routes)
+        if index is None:
+            return Reply.NO_ROUTE
+        if len(envelope.rcpt_tos) >= self.config.listen.max_recipients:
+            return Reply.TOO_MANY_RCPTS
+        provider = self.accounts[self.routes[index].provider]
+        if provider.max_recipients is not None:
+            same_route = sum(
+                1
+                for r in envelope.rcpt_tos
+                if resolve(r, envelope.mail_from or "", self.routes) == index
+            )
+            if same_route >= provider.max_recipients:
+                return Reply.TOO_MANY_RCPTS
+        return Reply.RECIPIENT_OK
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        """Spool the message (one entry per route) and answer 250 only once it is durable."""
+        self.busy += 1
+        self.idle.clear()
+        try:
+            return await self._data(session, envelope)
+        finally:
+            self.busy -= 1
+            if self.busy == 0:
+                self.idle.set()
+
+    async def _data(self, session: Session, envelope: Envelope) -> str:
+        started = time.monotonic()
+        raw = envelope.original_content or b""
+        mail_from: str = envelope.mail_from or ""
+        groups = split_by_route(envelope.rcpt_tos, mail_from, self.routes)
+        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        entries: list[NewEntry] = []
+        for index, rcpts in groups.items():
+            route = self.routes[index]
+            provider = self.accounts[route.provider]
+            if provider.max_message_size is not None and len(raw) > provider.max_message_size:
+                self._log("rejected", envelope, len(raw), started, reply=Reply.TOO_BIG, peer=peer)
+                return Reply.TOO_BIG
+            entries.append(
+                NewEntry(
+                    route=index,
+                    provider=route.provider,
+                    envelope=BridgeEnvelope(
+                        mail_from=mail_from,
+                        rcpt_to=tuple(rcpts),
+                        helo=session.host_name,
+                        client_address=peer,
+                        auth_user=_auth_user(session),
+                        smtputf8=bool(envelope.smtp_utf8),
+                    ),
+                )
+            )
+        try:
+            ids = await self.spool.put(raw, entries, message_id=_message_id(raw))
+        except SpoolError as exc:
+            log.warning("spool_put_failed", error=str(exc), reply=exc.smtp_reply)
+            self._log("tempfail", envelope, len(raw), started, reply=exc.smtp_reply, peer=peer)
+            return exc.smtp_reply
+        self.on_queued()
+        self._log("queued", envelope, len(raw), started, reply="250", peer=peer, spool_ids=ids)
+        return Reply.QUEUED.format(id=ids[0])
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Our own fault: log it, answer 451 so the client keeps the mail, leak nothing."""
+        log.error("smtp_internal_error", exc_info=error)
+        return Reply.TEMPFAIL
+
+    def _log(self, result: str, envelope: Envelope, size: int, started: float, **kw: Any) -> None:
+        health.SMTP_TRANSACTIONS.labels(result=result).inc()
+        log.info(
+            "smtp_transaction",
+            result=result,
+            mail_from=envelope.mail_from or "",
+            recipients=len(envelope.rcpt_tos),
+            size=size,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            **kw,
+        )
+
+
+def _auth_user(session: Session) -> str | None:
+    data = getattr(session, "auth_data", None)
+    if isinstance(data, bytes):
+        return data.decode("utf-8", "replace")
+    if isinstance(data, str):
+        return data
+    login = getattr(data, "login", None)
+    if isinstance(login, bytes):
+        return login.decode("utf-8", "replace")
+    return None
+
+
+def _message_id(raw: bytes) -> str | None:
+    """The Message-ID header, found cheaply in the header block (for the queue listing)."""
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        end = raw.find(b"\n\n")
+    head = raw[: end if end >= 0 else 65536]
+    for line in head.splitlines():
+        if line[:11].lower() == b"message-id:":
+            return line[11:].strip().decode("utf-8", "replace") or None
+    return None
+
+
+async def create_smtp_server(
+    handler: BridgeHandler,
+    config: Config,
+    *,
+    port: int | None = None,
+    sessions: weakref.WeakSet[BridgeSMTP] | None = None,
+) -> asyncio.Server:
+    """Start listening in the running loop (port 0 picks a free port; read it back).
+
+    Args:
+        handler: The hooks.
+        config: Listener settings come from `config.listen`.
+        port: Overrides `config.listen.port` (tests pass 0).
+        sessions: If given, every session's protocol is added (for shutdown).
+    """
+    loop = asyncio.get_running_loop()
+    listen = config.listen
+
+    def factory() -> BridgeSMTP:
+        proto = BridgeSMTP(
+            handler,
+            data_size_limit=listen.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=listen.hostname,
+            ident="smtp-bridge ESMTP",
+            timeout=listen.timeout,
+            loop=loop,
+        )
+        if sessions is not None:
+            sessions.add(proto)
+        return proto
+
+    return await loop.create_server(
+        factory, host=listen.host, port=listen.port if port is None else port
+    )
