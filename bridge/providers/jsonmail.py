@@ -54,6 +54,7 @@ __all__ = [
     "classify",
     "clean_name",
     "combine_copies",
+    "combine_items",
     "copies",
     "custom_headers",
     "envelope_notes",
@@ -570,4 +571,25 @@ def classify(
     why = reason(response, detail)
     if is_transient_status(status):
         return Retryable(reason=why, status=status, retry_after=delay(response))
+    return Permanent(reason=why, status=status)
+
+
+def combine_items(outcomes: Sequence[Outcome], status: int | None) -> Outcome:
+    """One outcome for a call that carried several copies, each answered on its own
+    (a Postmark batch, a Mailjet ``Messages`` array).
+
+    All accepted: delivered. Otherwise retryable if any refused copy may succeed later
+    (a retry re-sends the accepted copies too: these APIs have no idempotency key), and
+    permanent if every refusal is final; the reason counts what was accepted.
+    """
+    failures = [o for o in outcomes if not isinstance(o, Delivered)]
+    if not failures:
+        return combine_copies([o for o in outcomes if isinstance(o, Delivered)])
+    accepted = len(outcomes) - len(failures)
+    prefix = f"{accepted} of {len(outcomes)} copies accepted; " if accepted else ""
+    why = prefix + "; ".join(dict.fromkeys(f.reason for f in failures))
+    retryable = [f for f in failures if isinstance(f, Retryable)]
+    if retryable:
+        delays = [f.retry_after for f in retryable if f.retry_after is not None]
+        return Retryable(reason=why, status=status, retry_after=max(delays) if delays else None)
     return Permanent(reason=why, status=status)

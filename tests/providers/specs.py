@@ -183,9 +183,12 @@ _OPERATIONS: dict[str, tuple[str, str, str]] = {
 
 def _postmark_current(schema: dict[str, Any]) -> dict[str, Any]:
     """The swagger file predates MessageStream (docs: postmarkapp.com email API)."""
-    defs = json.loads(json.dumps(schema["definitions"]))
-    defs["SendEmailRequest"]["properties"]["MessageStream"] = {"type": "string"}
-    return {**schema, "definitions": defs}
+    patched = json.loads(json.dumps(schema))
+    stream = {"type": "string"}
+    patched["definitions"]["SendEmailRequest"]["properties"]["MessageStream"] = stream
+    if "properties" in patched:  # /email: the request schema itself, already resolved
+        patched["properties"]["MessageStream"] = stream
+    return patched  # type: ignore[no-any-return]
 
 
 def problems(provider: str, doc: Any) -> list[str]:
