@@ -1,0 +1,260 @@
+"""The delivery worker: real spool, httpx.MockTransport, a settable clock, run_once()."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bridge.app import build_accounts
+from bridge.config import Config
+from bridge.delivery import DeliveryWorker
+from bridge.model import Envelope
+from bridge.spool import NewEntry, Spool, State
+
+RAW = b"From: A <a@example.com>\r\nTo: b@example.org\r\nSubject: hello\r\n\r\nbody\r\n"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Api:
+    """A scripted API: answers from a list, records every request."""
+
+    def __init__(self, *answers: httpx.Response | Exception) -> None:
+        self.answers = list(answers)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def spool(tmp_path: Path, clock: Clock) -> AsyncIterator[Spool]:
+    s = Spool(tmp_path / "spool.sqlite3", min_free_space=0, clock=clock)
+    await s.open()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def worker_for(
+    make_config: Callable[..., Config], spool: Spool, clock: Clock
+) -> Callable[[Api], DeliveryWorker]:
+    config = make_config(url="https://hooks.example.net/in")
+    accounts = build_accounts(config)
+
+    def make(api: Api) -> DeliveryWorker:
+        client = httpx.AsyncClient(transport=httpx.MockTransport(api))
+        return DeliveryWorker(
+            config, spool, accounts, {"hook": client}, clock=clock, rng=random.Random(3)
+        )
+
+    return make
+
+
+async def queue(spool: Spool, rcpts: tuple[str, ...] = ("b@example.org",)) -> str:
+    env = Envelope(mail_from="a@example.com", rcpt_to=rcpts)
+    (eid,) = await spool.put(RAW, [NewEntry(route=0, provider="hook", envelope=env)])
+    return eid
+
+
+async def test_delivered_on_2xx_with_idempotency_key(
+    spool: Spool, worker_for: Callable[[Api], DeliveryWorker]
+) -> None:
+    """A 202 delivers; the request carries the spool id as Idempotency-Key and payload id."""
+    api = Api(httpx.Response(202, json={"id": "recv-1"}))
+    eid = await queue(spool)
+
+    count = await worker_for(api).run_once()
+
+    entry = await spool.get(eid)
+    assert 1 == count
+    assert entry is not None
+    assert (State.DELIVERED, 202, "recv-1") == (
+        entry.state,
+        entry.last_status,
+        entry.provider_message_id,
+    )
+    (request,) = api.requests
+    assert eid == request.headers["idempotency-key"]
+    doc = json.loads(request.content)
+    assert (eid, ["b@example.org"], "hello") == (
+        doc["id"],
+        doc["envelope"]["rcpt_to"],
+        doc["subject"],
+    )
+
+
+async def test_500_then_200_is_retried_and_delivered(
+    spool: Spool, worker_for: Callable[[Api], DeliveryWorker], clock: Clock
+) -> None:
+    """A 500 defers the entry; once due again, a 200 delivers it on attempt 2."""
+    api = Api(httpx.Response(500, text="oops"), httpx.Response(200))
+    worker = worker_for(api)
+    eid = await queue(spool)
+
+    await worker.run_once()
+    deferred = await spool.get(eid)
+    assert deferred is not None
+    clock.now = deferred.next_at
+    await worker.run_once()
+
+    delivered = await spool.get(eid)
+    assert (State.DEFERRED, 500, "HTTP 500: oops") == (
+        deferred.state,
+        deferred.last_status,
+        deferred.last_error,
+    )
+    assert 1_700_000_000.0 + 0.5 <= deferred.next_at <= 1_700_000_000.0 + 1
+    assert delivered is not None
+    assert (State.DELIVERED, 2) == (delivered.state, delivered.attempts)
+    assert 2 == len(api.requests)
+
+
+async def test_deferred_entry_is_not_sent_before_it_is_due(
+    spool: Spool, worker_for: Callable[[Api], DeliveryWorker]
+) -> None:
+    """run_once right after a failure sends nothing (no hot retry loop)."""
+    api = Api(httpx.Response(503))
+    worker = worker_for(api)
+    await queue(spool)
+
+    first = await worker.run_once()
+    second = await worker.run_once()
+
+    assert (1, 0) == (first, second)
+    assert 1 == len(api.requests)
+
+
+async def test_429_with_retry_after_waits_that_long(
+    spool: Spool, worker_for: Callable[[Api], DeliveryWorker]
+) -> None:
+    """A 429 with Retry-After: 45 reschedules 45 s later (longer than the 10 s max_delay)."""
+    api = Api(httpx.Response(429, headers={"Retry-After": "45"}))
+    eid = await queue(spool)
+
+    await worker_for(api).run_once()
+
+    entry = await spool.get(eid)
+    assert entry is not None
+    assert (State.DEFERRED, 1_700_000_045.0) == (entry.state, entry.next_at)
+
+
+async def test_400_is_dead_and_not_retried(
+    spool: Spool, worker_for: Callable[[Api], DeliveryWorker], clock: Clock
+) -> None:
+    """A 400 is permanent: the entry goes dead with the reason, and is never sent again."""
+    api = Api(httpx.Response(400, json={"error": "bad sender"}))
+    worker = worker_for(api)
+    eid = await queue(spool)
+
+    await worker.run_once()
+    clock.now += 86400
+    await worker.run_once()
+
+    entry = await spool.get(eid)
+    assert entry is not None
+    assert (State.DEAD, 400) == (entry.state, entry.last_status)
+    assert 'HTTP 400: {"error":"bad sender"}' == entry.last_error
+    assert 1 == len(api.requests)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        httpx.ConnectTimeout("connect timed out"),
+        httpx.ReadTimeout("read timed out"),
+        httpx.ConnectError("connection refused"),
+        httpx.RemoteProtocolError("peer closed"),
+    ],
+)
+async def test_transport_errors_are_retryable(
+    spool: Spool, worker_for: Callable[[Api], DeliveryWorker], error: Exception
+) -> None:
+    """Timeouts and connection failures defer the entry; nothing is lost or dead."""
+    eid = await queue(spool)
+
+    await worker_for(Api(error)).run_once()
+
+    entry = await spool.get(eid)
+    assert entry is not None
+    assert State.DEFERRED == entry.state
+    assert str(error) in (entry.last_error or "")
+
+
+async def test_max_age_turns_retryable_into_dead(
+    spool: Spool, worker_for: Callable[[Api], DeliveryWorker], clock: Clock
+) -> None:
+    """After max_age of failures the entry goes dead instead of retrying for ever."""
+    worker = worker_for(Api(httpx.Response(503)))
+    eid = await queue(spool)
+    clock.now += 5 * 86400 + 1
+
+    await worker.run_once()
+
+    entry = await spool.get(eid)
+    assert entry is not None
+    assert State.DEAD == entry.state
+    assert (entry.last_error or "").startswith("gave up after 432000s in the queue")
+
+
+async def test_bcc_recipients_are_delivered_and_listed(
+    spool: Spool, worker_for: Callable[[Api], DeliveryWorker]
+) -> None:
+    """Envelope recipients missing from To/Cc arrive as bcc, and all are in rcpt_to."""
+    api = Api(httpx.Response(200))
+    await queue(spool, ("b@example.org", "hidden@example.net"))
+
+    await worker_for(api).run_once()
+
+    doc = json.loads(api.requests[0].content)
+    assert ["b@example.org", "hidden@example.net"] == doc["envelope"]["rcpt_to"]
+    assert [{"name": None, "email": "hidden@example.net"}] == doc["bcc"]
+
+
+async def test_concurrency_bounds_one_burst(
+    spool: Spool, make_config: Callable[..., Config], clock: Clock
+) -> None:
+    """With concurrency 2, five due entries are sent in bursts of at most two at a time."""
+    config = make_config(delivery={"concurrency": 2})
+    in_flight = 0
+    peak = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        import asyncio
+
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        return httpx.Response(200)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    worker = DeliveryWorker(config, spool, build_accounts(config), {"hook": client}, clock=clock)
+    for _ in range(5):
+        await queue(spool)
+
+    count = await worker.run_once()
+
+    assert 5 == count
+    assert 2 == peak
