@@ -202,7 +202,7 @@ def copies(recipients: Recipients) -> tuple[Recipients, ...]:
 
 
 def envelope_notes(message: Message) -> list[str]:
-    """The losses every JSON API shares: recipients, sender, Message-ID and Date."""
+    """The losses every JSON API shares: recipients, Sender and Message-ID."""
     recipients, left_out = split_recipients(message)
     notes = []
     if left_out:
@@ -218,9 +218,9 @@ def envelope_notes(message: Message) -> list[str]:
     ):
         notes.append("Sender header (the API has no field for it)")
     if message.message_id:
+        # Replies will reference the provider's Message-ID, not the one the sending
+        # application recorded. (Date is also restamped, but within seconds: no note.)
         notes.append("Message-ID (the provider assigns its own)")
-    if message.date is not None:
-        notes.append("Date (the provider stamps its own)")
     return notes
 
 

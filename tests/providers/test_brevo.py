@@ -224,3 +224,50 @@ def test_server_errors_are_retryable(status):
     assert Retryable(reason=f"HTTP {status}: upstream error", status=status) == (
         provider().interpret_response(response)
     )
+
+
+def test_html_only_single_reply_to_and_no_subject():
+    """HTML alone is sent without textContent; no subject becomes a space, noted."""
+    message = make_message(
+        subject=None, text=None, html="<p>Hi</p>", reply_to=(Address("r@example.com"),)
+    )
+
+    doc = body(provider().build_request(message))
+    notes = provider().unsupported(message)
+
+    assert [] == problems("brevo", doc)
+    assert ("<p>Hi</p>", " ", {"email": "r@example.com"}) == (
+        doc["htmlContent"],
+        doc["subject"],
+        doc["replyTo"],
+    )
+    assert "textContent" not in doc
+    assert "empty subject sent as a single space (the API requires one)" in notes
+    assert not any("Reply-To" in n for n in notes)
+
+
+def test_attachment_only_message_gets_a_space_as_text():
+    """With neither text nor HTML, textContent is a single space."""
+    message = make_message(text=None, attachments=(pdf_attachment(),))
+
+    doc = body(provider().build_request(message))
+
+    assert " " == doc["textContent"]
+    assert [] == problems("brevo", doc)
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ({"messageIds": ["<1@relay>", "<2@relay>", 3]}, "<1@relay>,<2@relay>"),
+        ({}, None),
+        (None, None),
+    ],
+)
+def test_accepted_answers_without_a_single_message_id(payload, expected):
+    """messageIds lists are joined; an empty or missing body is still delivered."""
+    response = httpx.Response(202, json=payload, request=REQ)
+
+    assert Delivered(status=202, provider_message_id=expected) == (
+        provider().interpret_response(response)
+    )

@@ -301,3 +301,38 @@ def test_plain_429_and_5xx_are_retryable(status, text):
     assert Retryable(reason=f"HTTP {status}: {text}", status=status) == (
         provider().interpret_response(response)
     )
+
+
+def test_html_only_single_reply_to_no_subject():
+    """HTML alone goes as HTMLPart, one Reply-To without a note, no Subject key."""
+    message = make_message(
+        subject=None, text=None, html="<p>Hi</p>", reply_to=(Address("r@x.example"),)
+    )
+
+    entry = body(provider().build_request(message))["Messages"][0]
+
+    assert ("<p>Hi</p>", {"Email": "r@x.example"}) == (entry["HTMLPart"], entry["ReplyTo"])
+    assert "TextPart" not in entry
+    assert "Subject" not in entry
+    assert not any("Reply-To" in n for n in provider().unsupported(message))
+
+
+def test_attachment_only_message_gets_a_space_as_text():
+    """With neither text nor HTML, TextPart is a single space (one of them is required)."""
+    message = make_message(text=None, attachments=(pdf_attachment(),))
+
+    doc = body(provider().build_request(message))
+
+    assert " " == doc["Messages"][0]["TextPart"]
+    assert [] == problems("mailjet", doc)
+
+
+def test_2xx_without_messages_is_delivered_and_garbled_entries_are_permanent():
+    """A 200 with no Messages is taken as accepted; an unreadable entry is refused."""
+    empty = provider().interpret_response(httpx.Response(200, request=REQ))
+    garbled = provider().interpret_response(
+        httpx.Response(200, json={"Messages": ["?"]}, request=REQ)
+    )
+
+    assert Delivered(status=200) == empty
+    assert Permanent(reason="unreadable message result", status=200) == garbled

@@ -286,3 +286,19 @@ def test_batch_rate_limited_item_is_retryable():
     outcome = provider().interpret_response(httpx.Response(200, json=items, request=REQ))
 
     assert isinstance(outcome, Retryable)
+
+
+def test_html_only_message():
+    """HTML alone goes as HtmlBody without a TextBody."""
+    doc = body(provider().build_request(make_message(text=None, html="<p>Hi</p>")))
+
+    assert "<p>Hi</p>" == doc["HtmlBody"]
+    assert "TextBody" not in doc
+    assert [] == problems("postmark", doc)
+
+
+def test_200_without_a_json_body_is_delivered():
+    """A 200 whose body cannot be read is still an acceptance."""
+    response = httpx.Response(200, text="OK", request=REQ)
+
+    assert Delivered(status=200) == provider().interpret_response(response)

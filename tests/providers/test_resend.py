@@ -271,3 +271,32 @@ def test_500_is_retryable():
     outcome = provider().interpret_response(error(500, "application_error", "Unexpected error."))
 
     assert Retryable(reason="HTTP 500: application_error: Unexpected error.", status=500) == outcome
+
+
+def test_html_only_message_and_no_losses():
+    """HTML alone is sent without text; a plain message reports nothing lost."""
+    message = make_message(text=None, html="<p>Hi</p>")
+
+    doc = body(provider().build_request(message))
+
+    assert "<p>Hi</p>" == doc["html"]
+    assert "text" not in doc
+    assert () == provider().unsupported(message)
+
+
+def test_error_body_without_a_name_uses_the_message():
+    """An error body with only a message still explains the refusal."""
+    response = httpx.Response(403, json={"message": "Domain not verified"}, request=REQ)
+
+    assert Permanent(reason="HTTP 403: Domain not verified", status=403) == (
+        provider().interpret_response(response)
+    )
+
+
+def test_gateway_error_without_json_is_retryable():
+    """A 502 with an HTML body is retried, quoting the body."""
+    response = httpx.Response(502, text="<html>Bad Gateway</html>", request=REQ)
+
+    assert Retryable(reason="HTTP 502: <html>Bad Gateway</html>", status=502) == (
+        provider().interpret_response(response)
+    )

@@ -424,3 +424,21 @@ def test_server_errors_are_retryable(status):
     outcome = provider().interpret_response(response)
 
     assert Retryable(reason=f"HTTP {status}: <html>Bad Gateway</html>", status=status) == outcome
+
+
+def test_html_only_message():
+    """HTML alone is the only content block."""
+    doc = body(provider().build_request(make_message(text=None, html="<p>Hi</p>")))
+
+    assert [{"type": "text/html", "value": "<p>Hi</p>"}] == doc["content"]
+
+
+def test_error_items_without_a_field_or_message():
+    """Errors without a field quote the message alone; malformed items are skipped."""
+    response = httpx.Response(
+        400, json={"errors": [{"message": "Bad Request"}, "junk", {"field": "x"}]}, request=REQ
+    )
+
+    assert Permanent(reason="HTTP 400: Bad Request", status=400) == (
+        provider().interpret_response(response)
+    )
