@@ -1,7 +1,5 @@
 """prepare_raw: the few changes raw-MIME APIs need, and nothing else."""
 
-# ruff: noqa: SIM300  (the project writes asserts as `expected == actual`)
-
 from __future__ import annotations
 
 import base64
