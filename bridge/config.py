@@ -35,6 +35,7 @@ from bridge.errors import ConfigError, KeyPath
 from bridge.providers.base import ProviderSettings
 
 __all__ = [
+    "AccountLimits",
     "Config",
     "DeliveryConfig",
     "ListenConfig",
@@ -168,11 +169,19 @@ class RouteMatch(_Section):
 
 
 class Route(_Section):
-    """``routes[]:`` which provider account delivers which recipients."""
+    """``routes[]:`` which provider account delivers which recipients.
+
+    `failover` names further accounts: after `failover_after` retryable failures at one
+    account (or while its circuit is open) the next one in the chain delivers.
+    """
 
     name: str | None = None
     match: RouteMatch = RouteMatch()
     provider: str
+    failover: tuple[str, ...] = ()
+    failover_after: int = Field(default=3, gt=0)
+    #: Send a delivery status notification to the sender when an entry goes dead.
+    bounces: bool = True
     #: `from` for mail that has no From header and a null envelope sender.
     default_sender: str | None = None
 
@@ -194,14 +203,27 @@ class HealthConfig(_Section):
     stale_after: Duration = 3600.0
 
 
+class AccountLimits(_Section):
+    """``providers.NAME.limits:`` pacing shared by every route using this account."""
+
+    #: Attempts in flight at this account at once (None: only delivery.concurrency).
+    concurrency: int | None = Field(default=None, gt=0)
+    requests_per_second: float | None = Field(default=None, gt=0)
+    recipients_per_second: float | None = Field(default=None, gt=0)
+    #: Retryable failures in a row that open the account's circuit, and for how long.
+    circuit_threshold: int = Field(default=5, gt=0)
+    circuit_cooldown: Duration = 30.0
+
+
 class ProviderAccount(BaseModel):
-    """One named provider account: its `type` and its validated settings."""
+    """One named provider account: its `type`, validated settings and pacing limits."""
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     name: str
     type: str
     settings: ProviderSettings
+    limits: AccountLimits = AccountLimits()
 
 
 class Config(BaseModel):
@@ -227,6 +249,10 @@ class Config(BaseModel):
         """
         path = Path(value)
         return path if path.is_absolute() else self.base_dir / path
+
+    def chain(self, route: Route) -> tuple[str, ...]:
+        """The provider accounts of a route, in failover order."""
+        return (route.provider, *route.failover)
 
 
 class _Document(_Section):
@@ -378,7 +404,12 @@ def load_config(text: str, env: Mapping[str, str], *, base_dir: Path | None = No
             )
             continue
         cls = providers.get(type_name)
-        settings_raw = {k: v for k, v in block.items() if k != "type"}
+        try:
+            limits = AccountLimits.model_validate(block.get("limits") or {})
+        except ValidationError as exc:
+            problems.extend(_problems_from(exc, (*path, "limits")))
+            limits = AccountLimits()
+        settings_raw = {k: v for k, v in block.items() if k not in ("type", "limits")}
         settings_raw = _read_file_keys(
             settings_raw, cls.settings_model.model_fields, path, problems
         )
@@ -387,13 +418,21 @@ def load_config(text: str, env: Mapping[str, str], *, base_dir: Path | None = No
         except ValidationError as exc:
             problems.extend(_problems_from(exc, path))
             continue
-        accounts[name] = ProviderAccount(name=name, type=type_name, settings=settings)
+        accounts[name] = ProviderAccount(
+            name=name, type=type_name, settings=settings, limits=limits
+        )
 
     for i, route in enumerate(top.routes):
         if route.provider not in top.providers:
             problems.append(
                 (("routes", i, "provider"), f"no provider account named {route.provider!r}")
             )
+        for j, other in enumerate(route.failover):
+            at: KeyPath = ("routes", i, "failover", j)
+            if other not in top.providers:
+                problems.append((at, f"no provider account named {other!r}"))
+            elif other == route.provider or route.failover.index(other) != j:
+                problems.append((at, f"{other!r} is already in the chain"))
 
     if problems:
         raise ConfigError(_first_per_path(problems))

@@ -13,7 +13,7 @@ import contextlib
 import random
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,9 +21,10 @@ import httpx
 import structlog
 
 from bridge import health
-from bridge.config import Config
+from bridge.config import AccountLimits, Config
 from bridge.mime import parse_message
 from bridge.model import Delivered, Outcome, Permanent, Retryable
+from bridge.pacing import Circuit, TokenBucket, choose_provider
 from bridge.providers.base import Provider, ProviderSettings
 from bridge.retry import Ack, DeadLetter, RetryAt, decide
 from bridge.spool import Claim, Spool, State
@@ -135,6 +136,9 @@ class DeliveryWorker:
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._circuits: dict[str, Circuit] = {}
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._buckets: dict[tuple[str, str], TokenBucket] = {}
 
     def wake(self) -> None:
         """New mail was queued: look for due work now."""
@@ -212,21 +216,60 @@ class DeliveryWorker:
             if pending:
                 await asyncio.wait(pending)
 
+    def _circuit(self, name: str) -> Circuit:
+        circuit = self._circuits.get(name)
+        if circuit is None:
+            account = self.config.providers.get(name)
+            limits = account.limits if account else AccountLimits()
+            circuit = Circuit(threshold=limits.circuit_threshold, cooldown=limits.circuit_cooldown)
+            self._circuits[name] = circuit
+        return circuit
+
+    @contextlib.asynccontextmanager
+    async def _paced(self, name: str, recipients: int) -> AsyncIterator[None]:
+        """Hold the account's concurrency slot and wait for its rate-limit tokens."""
+        account = self.config.providers.get(name)
+        limits = account.limits if account else AccountLimits()
+        if limits.concurrency is not None and name not in self._slots:
+            self._slots[name] = asyncio.Semaphore(limits.concurrency)
+        slot = self._slots.get(name)
+        async with slot if slot is not None else contextlib.nullcontext():
+            wait = 0.0
+            now = self.clock()
+            for key, rate, amount in (
+                ("req", limits.requests_per_second, 1),
+                ("rcpt", limits.recipients_per_second, recipients),
+            ):
+                if rate is None:
+                    continue
+                bucket = self._buckets.get((name, key))
+                if bucket is None:
+                    bucket = self._buckets[(name, key)] = TokenBucket(rate, max(1.0, rate))
+                wait = max(wait, bucket.reserve(amount, now))
+            if wait > 0:
+                await asyncio.sleep(wait)
+            yield
+
     async def _attempt(self, claim: Claim) -> None:
         entry = claim.entry
         started = self.clock()
         t0 = time.monotonic()
         route = self.config.routes[entry.route] if entry.route < len(self.config.routes) else None
-        provider = self.accounts.get(entry.provider)
+        chain = self.config.chain(route) if route else (entry.provider,)
+        name = choose_provider(
+            chain,
+            attempt=entry.attempts,
+            failover_after=route.failover_after if route else 1,
+            allows=lambda n: self._circuit(n).allows(started),
+        )
         bound = structlog.contextvars.bound_contextvars(
-            spool_id=entry.id, provider=entry.provider, attempt=entry.attempts
+            spool_id=entry.id, provider=name, attempt=entry.attempts
         )
         with bound:
             message = None
+            provider = self.accounts.get(name)
             if provider is None:
-                outcome: Outcome = Retryable(
-                    reason=f"provider account {entry.provider!r} is not configured"
-                )
+                outcome: Outcome = Retryable(reason=f"provider account {name!r} is not configured")
             else:
                 try:
                     message = parse_message(
@@ -240,14 +283,14 @@ class DeliveryWorker:
                         missing = provider.unsupported(message)
                         if missing:
                             log.warning("provider_cannot_carry", features=list(missing))
-                    outcome = await send_flow(
-                        provider, message, self.clients[entry.provider], started
-                    )
+                    async with self._paced(name, len(entry.envelope.rcpt_to)):
+                        outcome = await send_flow(provider, message, self.clients[name], started)
                 except Exception as exc:
                     # A bug of ours (parser, adapter) must not strand the entry inflight:
                     # it is retried, and a fixed release can deliver it.
                     log.error("delivery_internal_error", exc_info=exc)
                     outcome = Retryable(reason=f"internal error: {type(exc).__name__}")
+                self._circuit(name).record(ok=not isinstance(outcome, Retryable), now=self.clock())
             decision = decide(
                 self.config.delivery.retry,
                 attempt=entry.attempts,
@@ -257,8 +300,8 @@ class DeliveryWorker:
                 rng=self.rng,
             )
             # Bookkeeping must land even if shutdown cancels us now: shield it.
-            await asyncio.shield(self._record(claim, outcome, decision, started))
-            health.DELIVERY_ATTEMPTS.labels(provider=entry.provider, outcome=_label(outcome)).inc()
+            await asyncio.shield(self._record(claim, outcome, decision, started, name))
+            health.DELIVERY_ATTEMPTS.labels(provider=name, outcome=_label(outcome)).inc()
             log.info(
                 "delivery_attempt",
                 route=route.name if route and route.name else entry.route,
@@ -274,7 +317,7 @@ class DeliveryWorker:
             )
 
     async def _record(
-        self, claim: Claim, outcome: Outcome, decision: object, started: float
+        self, claim: Claim, outcome: Outcome, decision: object, started: float, name: str
     ) -> None:
         entry = claim.entry
         status = getattr(outcome, "status", None)
@@ -287,6 +330,7 @@ class DeliveryWorker:
                 outcome="delivered",
                 status=status,
                 provider_message_id=outcome.provider_message_id,
+                provider=name,
             )
         elif isinstance(decision, RetryAt):
             await self.spool.finish(
@@ -297,6 +341,7 @@ class DeliveryWorker:
                 status=status,
                 detail=getattr(outcome, "reason", None),
                 next_at=decision.when,
+                provider=name,
             )
         else:
             assert isinstance(decision, DeadLetter)
@@ -307,6 +352,7 @@ class DeliveryWorker:
                 outcome="permanent" if isinstance(outcome, Permanent) else "expired",
                 status=status,
                 detail=decision.reason,
+                provider=name,
             )
             log.warning("delivery_dead", reason=decision.reason)
 

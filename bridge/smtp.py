@@ -291,6 +291,7 @@ class BridgeHandler:
         self.accounts = accounts
         self.on_queued = on_queued
         self.clock = clock
+        self.limits = [route_limits(config, route, accounts) for route in config.routes]
         #: DATA commands between end-of-data and their reply (shutdown waits for them).
         self.busy = 0
         self.idle = asyncio.Event()
@@ -317,14 +318,14 @@ class BridgeHandler:
             return Reply.NO_ROUTE
         if len(envelope.rcpt_tos) >= self.config.listen.max_recipients:
             return Reply.TOO_MANY_RCPTS
-        provider = self.accounts[self.routes[index].provider]
-        if provider.max_recipients is not None:
+        max_rcpts = self.limits[index][1]
+        if max_rcpts is not None:
             same_route = sum(
                 1
                 for r in envelope.rcpt_tos
                 if resolve(r, envelope.mail_from or "", self.routes) == index
             )
-            if same_route >= provider.max_recipients:
+            if same_route >= max_rcpts:
                 return Reply.TOO_MANY_RCPTS
         return Reply.RECIPIENT_OK
 
@@ -348,8 +349,8 @@ class BridgeHandler:
         entries: list[NewEntry] = []
         for index, rcpts in groups.items():
             route = self.routes[index]
-            provider = self.accounts[route.provider]
-            if provider.max_message_size is not None and len(raw) > provider.max_message_size:
+            max_size = self.limits[index][0]
+            if max_size is not None and len(raw) > max_size:
                 self._log("rejected", envelope, len(raw), started, reply=Reply.TOO_BIG, peer=peer)
                 return Reply.TOO_BIG
             entries.append(
@@ -392,6 +393,20 @@ class BridgeHandler:
             duration_ms=round((time.monotonic() - started) * 1000, 1),
             **kw,
         )
+
+
+def route_limits(
+    config: Config, route: Route, accounts: Mapping[str, Provider[ProviderSettings]]
+) -> tuple[int | None, int | None]:
+    """(max message size, max recipients) a route can promise at SMTP time.
+
+    A message may fail over to any account in the route's chain, so it must fit the
+    smallest limit among them; refusing at SMTP time (552/452) beats a 250 followed by
+    a bounce.
+    """
+    sizes = [s for n in config.chain(route) if (s := accounts[n].max_message_size) is not None]
+    rcpts = [r for n in config.chain(route) if (r := accounts[n].max_recipients) is not None]
+    return (min(sizes) if sizes else None, min(rcpts) if rcpts else None)
 
 
 def _auth_user(session: Session) -> str | None:

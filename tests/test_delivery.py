@@ -258,3 +258,99 @@ async def test_concurrency_bounds_one_burst(
 
     assert 5 == count
     assert 2 == peak
+
+
+@pytest.fixture
+def two_accounts(make_config: Callable[..., Config]) -> Config:
+    return make_config(
+        providers={
+            "primary": {"type": "webhook", "url": "https://primary.example.net/in"},
+            "backup": {"type": "webhook", "url": "https://backup.example.net/in"},
+        },
+        routes=[{"provider": "primary", "failover": ["backup"], "failover_after": 1}],
+    )
+
+
+def routed(api: Api) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.MockTransport(api))
+
+
+async def queue_to(spool: Spool, provider: str) -> str:
+    env = Envelope(mail_from="a@example.com", rcpt_to=("b@example.org",))
+    (eid,) = await spool.put(RAW, [NewEntry(route=0, provider=provider, envelope=env)])
+    return eid
+
+
+async def test_failover_after_retryable_failure_goes_to_the_next_account(
+    spool: Spool, two_accounts: Config, clock: Clock
+) -> None:
+    """A 503 from the primary makes the next attempt go through the backup account."""
+    primary, backup = Api(httpx.Response(503)), Api(httpx.Response(202))
+    clients = {"primary": routed(primary), "backup": routed(backup)}
+    worker = DeliveryWorker(two_accounts, spool, build_accounts(two_accounts), clients, clock=clock)
+    eid = await queue_to(spool, "primary")
+
+    await worker.run_once()
+    entry = await spool.get(eid)
+    assert entry is not None
+    clock.now = entry.next_at
+    await worker.run_once()
+
+    done = await spool.get(eid)
+    log = await spool.attempts(eid)
+    assert (1, 1) == (len(primary.requests), len(backup.requests))
+    assert done is not None
+    assert State.DELIVERED == done.state
+    assert [("primary", "retry"), ("backup", "delivered")] == [(a.provider, a.outcome) for a in log]
+
+
+async def test_permanent_answer_is_never_followed_by_another_account(
+    spool: Spool, two_accounts: Config, clock: Clock
+) -> None:
+    """A definite refusal from the primary is final: the backup is never asked."""
+    primary, backup = Api(httpx.Response(400)), Api(httpx.Response(202))
+    clients = {"primary": routed(primary), "backup": routed(backup)}
+    worker = DeliveryWorker(two_accounts, spool, build_accounts(two_accounts), clients, clock=clock)
+    eid = await queue_to(spool, "primary")
+
+    await worker.run_once()
+    clock.now += 3600
+    await worker.run_once()
+
+    entry = await spool.get(eid)
+    assert entry is not None
+    assert State.DEAD == entry.state
+    assert (1, 0) == (len(primary.requests), len(backup.requests))
+
+
+async def test_account_rate_limit_spaces_requests(
+    spool: Spool, make_config: Callable[..., Config]
+) -> None:
+    """requests_per_second 20 sends a burst of 20 at once, then paces the rest."""
+    import time as _time
+
+    config = make_config(
+        providers={
+            "hook": {
+                "type": "webhook",
+                "url": "https://h.example.net/in",
+                "limits": {"requests_per_second": 20},
+            }
+        }
+    )
+    sent_at: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent_at.append(_time.monotonic())
+        return httpx.Response(200)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    worker = DeliveryWorker(config, spool, build_accounts(config), {"hook": client})
+    for _ in range(30):
+        await queue(spool)
+
+    await worker.run_once()
+
+    span = max(sent_at) - min(sent_at)
+    assert 30 == len(sent_at)
+    assert 0.4 <= span < 2.0

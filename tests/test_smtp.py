@@ -388,3 +388,55 @@ async def test_swaks_client(bridge: Bridge) -> None:
     ((mail_from, _, raw),) = stored(bridge)
     assert "ops@example.com" == mail_from
     assert b"Subject: swaks test" in raw
+
+
+async def test_route_provider_size_limit_is_552_at_end_of_data(
+    start_bridge: Callable[..., Any], make_config: Callable[..., Config]
+) -> None:
+    """A message over the route's provider limit gets 552 5.3.4 instead of 250-then-bounce."""
+    config = make_config(
+        providers={
+            "small": {"type": "webhook", "url": "https://s.example.net/", "max_message_size": 100},
+            "big": {"type": "webhook", "url": "https://b.example.net/"},
+        },
+        routes=[
+            {"match": {"recipients": ["small.example"]}, "provider": "small"},
+            {"provider": "big"},
+        ],
+    )
+    bridge = await start_bridge(config)
+    wire = await Wire.open(bridge.smtp_port)
+    await wire.reply()
+    await wire.cmd("EHLO c")
+    big = stuff(b"Subject: x\r\n\r\n" + b"y" * 200 + b"\r\n")
+
+    to_big = await transaction(wire, big)
+    to_small = await transaction(wire, big, rcpts=("RCPT TO:<a@small.example>",))
+    await wire.close()
+
+    assert 250 == to_big[0]
+    assert (552, "5.3.4") == (to_small[0], to_small[1][0][:5])
+    assert 1 == len(stored(bridge))
+
+
+async def test_failover_chain_limit_is_the_smallest_in_the_chain(
+    start_bridge: Callable[..., Any], make_config: Callable[..., Config]
+) -> None:
+    """A route that may fail over promises only what every account in its chain takes."""
+    config = make_config(
+        providers={
+            "a": {"type": "webhook", "url": "https://a.example.net/", "max_recipients": 5},
+            "b": {"type": "webhook", "url": "https://b.example.net/", "max_recipients": 2},
+        },
+        routes=[{"provider": "a", "failover": ["b"]}],
+    )
+    bridge = await start_bridge(config)
+    wire = await Wire.open(bridge.smtp_port)
+    await wire.reply()
+    await wire.cmd("EHLO c")
+    await wire.cmd("MAIL FROM:<a@example.com>")
+
+    codes = [(await wire.cmd(f"RCPT TO:<r{i}@example.org>"))[0] for i in range(3)]
+    await wire.close()
+
+    assert [250, 250, 452] == codes
