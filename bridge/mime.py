@@ -30,7 +30,7 @@ import binascii
 import codecs
 import quopri
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import policy
@@ -39,14 +39,15 @@ from email.message import EmailMessage
 from email.message import Message as StdMessage
 from email.parser import BytesParser
 from email.utils import getaddresses, parsedate_to_datetime
-from typing import Literal
+from typing import Literal, TypeVar
 
 from bridge.model import Address, Attachment, Envelope, Header, Message
 
 __all__ = ["parse_message"]
 
+_T = TypeVar("_T")
+
 _PARSER = BytesParser(policy=policy.default)
-_UNSTRUCTURED = HeaderRegistry(default_class=UnstructuredHeader, use_default_map=False)
 _ADDRESS_LIST = HeaderRegistry(default_class=AddressHeader, use_default_map=False)
 
 # The header parser of the email package has super-linear corners; a header value longer
@@ -261,6 +262,19 @@ def _unparsed(
     )
 
 
+def _attempt(call: Callable[[], _T], default: _T) -> _T:
+    """`call()`, or `default` when it raises.
+
+    The email package has known crashes (IndexError, AttributeError, HeaderParseError ...)
+    on hostile input in almost every accessor; each of them is a place to degrade, not
+    to fail.
+    """
+    try:
+        return call()
+    except Exception:
+        return default
+
+
 # --------------------------------------------------------------------------- text
 
 
@@ -327,10 +341,9 @@ def _decode_header(value: str) -> str:
     text = _clean(_unfold(value))
     if "=?" not in text or len(text) > _MAX_PARSED_HEADER:
         return text
-    try:
-        return _clean(str(_UNSTRUCTURED("x-unstructured", text)))
-    except Exception:  # the header registry has known crashes on junk
-        return text
+    # The token list keeps undecodable bytes as surrogates, so that _clean can give them
+    # the windows-1252 fallback; str() of a header object would make them U+FFFD.
+    return _clean(_attempt(lambda: str(UnstructuredHeader.value_parser(text)), text))
 
 
 def _verbatim(value: str | None) -> str | None:
@@ -366,17 +379,10 @@ def _addresses(value: str | None) -> list[Address]:
     if value is None:
         return []
     text = _clean(_unfold(value))
-    pairs: list[tuple[str, str]]
-    try:
-        if len(text) > _MAX_PARSED_HEADER:
-            raise ValueError("too long for the header registry")
-        header = _ADDRESS_LIST("to", text)
-        pairs = [(a.display_name, a.addr_spec) for a in getattr(header, "addresses", ())]
-    except Exception:  # fall back to the forgiving compat32 parser
-        try:
-            pairs = [(_decode_header(name), addr) for name, addr in getaddresses([text])]
-        except Exception:
-            pairs = []
+    pairs = _attempt(lambda: _registry_addresses(text), None)
+    if pairs is None:  # fall back to the forgiving compat32 parser
+        nothing: list[tuple[str, str]] = []
+        pairs = _attempt(lambda: [(_decode_header(n), a) for n, a in getaddresses([text])], nothing)
     out: list[Address] = []
     for name, addr in pairs:
         email = _clean(addr).strip()
@@ -386,6 +392,13 @@ def _addresses(value: str | None) -> list[Address]:
         display = " ".join(_clean(name).split())
         out.append(Address(email=email, name=display or None))
     return out
+
+
+def _registry_addresses(text: str) -> list[tuple[str, str]]:
+    if len(text) > _MAX_PARSED_HEADER:
+        raise ValueError("too long for the header registry")
+    header = _ADDRESS_LIST("to", text)
+    return [(a.display_name, a.addr_spec) for a in getattr(header, "addresses", ())]
 
 
 def _dedupe(addresses: Iterable[Address]) -> tuple[Address, ...]:
@@ -477,50 +490,32 @@ def _payload_list(part: StdMessage) -> list[object]:
 
 
 def _content_type(part: StdMessage) -> str:
-    try:
-        return _clean(part.get_content_type()).lower()
-    except Exception:
-        return "application/octet-stream"
+    return _clean(_attempt(part.get_content_type, "application/octet-stream")).lower()
 
 
 def _charset(part: StdMessage) -> str | None:
-    try:
-        charset = part.get_content_charset()
-    except Exception:
-        return None
+    charset = _attempt(part.get_content_charset, None)
     return charset if isinstance(charset, str) else None
 
 
 def _content(part: StdMessage) -> bytes:
     """The decoded bytes of a leaf part (transfer encoding removed)."""
-    try:
-        data = part.get_payload(decode=True)
-    except Exception:
-        data = None
-    if isinstance(data, bytes):
-        return data
     payload = part.get_payload()
-    if isinstance(payload, str):
-        return payload.encode("utf-8", "surrogateescape")
-    return b""
+    fallback = payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else b""
+    undecodable: object = fallback
+    data = _attempt(lambda: part.get_payload(decode=True), undecodable)
+    return data if isinstance(data, bytes) else fallback
 
 
 def _filename(part: StdMessage) -> str | None:
-    try:
-        name = part.get_filename()
-    except Exception:
-        name = None
+    name = _attempt(part.get_filename, None)
     if not isinstance(name, str):
         return None
-    decoded = _decode_header(name).strip()
-    return decoded or None
+    return _decode_header(name).strip() or None
 
 
 def _disposition(part: StdMessage) -> str | None:
-    try:
-        value = part.get_content_disposition()
-    except Exception:
-        return None
+    value = _attempt(part.get_content_disposition, None)
     return value.lower() if isinstance(value, str) else None
 
 
@@ -579,17 +574,9 @@ def _message_bytes(part: StdMessage, raw: bytes | None) -> bytes:
             pass
         return body
     # The source slice is unknown (the tree and our boundary scan disagreed): serialise.
-    inner = _payload_list(part)
-    try:
-        if inner and isinstance(inner[0], EmailMessage):
-            return inner[0].as_bytes(policy=policy.default.clone(refold_source="none"))
-        return b"\r\n".join(
-            m.as_bytes(policy=policy.default.clone(refold_source="none"))
-            for m in inner
-            if isinstance(m, EmailMessage)
-        )
-    except Exception:
-        return b""
+    verbatim = policy.default.clone(refold_source="none", linesep="\r\n")
+    inner = [m for m in _payload_list(part) if isinstance(m, EmailMessage)]
+    return _attempt(lambda: b"\r\n".join(m.as_bytes(policy=verbatim) for m in inner), b"")
 
 
 # --------------------------------------------------------------------------- raw slicing
@@ -615,25 +602,20 @@ def _body_start(raw: bytes) -> int:
 
 def _child_slices(part: StdMessage, raw: bytes | None, expected: int) -> list[bytes] | None:
     """The source bytes of each child of a multipart, or None if they cannot be trusted."""
-    if raw is None:
+    boundary = _attempt(part.get_boundary, None)
+    if raw is None or boundary is None:
         return None
-    try:
-        boundary = part.get_boundary()
-        if not boundary:
-            return None
-        delimiter = boundary.encode("ascii", "surrogateescape")
-    except Exception:
-        return None
+    delimiter = boundary.encode("utf-8", "surrogateescape")
     body = raw[_body_start(raw) :]
     pattern = re.compile(rb"^--" + re.escape(delimiter) + rb"(--)?[ \t]*\r?$", re.MULTILINE)
     slices: list[bytes] = []
     start: int | None = None
     for match in pattern.finditer(body):
         if start is not None:
-            end = match.start()
-            if body[end - 2 : end] == b"\r\n":
-                end -= 2
-            elif body[end - 1 : end] == b"\n":
+            # The line break before a delimiter belongs to it (RFC 2046 5.1.1); with
+            # re.MULTILINE, ^ only matches after an LF.
+            end = match.start() - 1
+            if body[end - 1 : end] == b"\r":
                 end -= 1
             slices.append(body[start : max(start, end)])
         if match.group(1):
@@ -716,7 +698,10 @@ def _tnef_attachments(data: bytes) -> list[Attachment]:
             elif attribute == _ATT_ATTACH_DATA:
                 current.data = value
             elif attribute == _ATT_ATTACHMENT:
-                _tnef_properties(value, current, codepage)
+                try:
+                    _tnef_properties(value, current, codepage)
+                except (ValueError, IndexError):
+                    pass  # damaged properties cost the long filename, not later files
     except (ValueError, IndexError):
         pass
     out: list[Attachment] = []

@@ -167,9 +167,7 @@ def smtp_envelope(case: SmtpCase) -> Envelope:
         elif line.upper().startswith("RCPT TO:"):
             rcpt.append(_path_argument(line[len("RCPT TO:") :])[0])
         elif verb == "DATA" and mail_from is not None and rcpt:
-            return Envelope(
-                mail_from=mail_from, rcpt_to=tuple(rcpt), helo=helo, smtputf8=smtputf8
-            )
+            return Envelope(mail_from=mail_from, rcpt_to=tuple(rcpt), helo=helo, smtputf8=smtputf8)
     raise ValueError(f"{case.name}: no transaction reaches DATA")
 
 
