@@ -486,3 +486,83 @@ routes:
             assertion, pem, algorithms=["RS256"], audience=TOKEN_URL, options={"verify_exp": False}
         )["sub"]
     )
+
+
+# --- remaining branches -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key", ["not json", '{"type": "authorized_user"}', '{"type": "service_account"}']
+)
+def test_unusable_service_account_keys_are_refused(key):
+    """A key that is not JSON, not a service account, or lacks fields is refused at load."""
+    with pytest.raises(pydantic.ValidationError):
+        provider(client_id=None, client_secret=None, refresh_token=None, service_account=key)
+
+
+def test_restrict_adds_missing_fields_and_keeps_folded_ones_apart():
+    """Folded headers survive the rewrite; a Cc that did not exist is added."""
+    prepared = b"From: a@x\r\nTo: old@x,\r\n other@y\r\nX-Long: one\r\n two\r\n\r\nbody\r\n"
+    out = restrict_recipient_fields(
+        prepared, [Address("anna@example.org")], [Address("ben@example.org", "Ben")]
+    )
+    sent = PARSER.parsebytes(out)
+
+    assert "anna@example.org" == str(sent["To"])
+    assert [("Ben", "ben@example.org")] == [
+        (a.display_name, a.addr_spec) for a in sent["Cc"].addresses
+    ]
+    assert "one two" == str(sent["X-Long"])
+
+
+def test_message_over_the_limit_after_adding_bcc_is_permanent():
+    """A message pushed over 35 MiB by its Bcc header is refused before sending."""
+    head = b"From: sender@example.com\r\nTo: anna@example.org\r\nSubject: big\r\n\r\n"
+    raw = head + b"y" * (36_700_160 - len(head) - 2) + b"\r\n"
+    msg = dataclasses.replace(
+        message(mime(), ("anna@example.org", "someone-else@example.net")), raw=raw
+    )
+    run = drive(provider().flow(msg, 0.0), script())
+
+    assert isinstance(run.outcome, Permanent)
+
+
+@pytest.mark.parametrize(
+    ("response", "reason"),
+    [
+        (
+            httpx.Response(200, json={"access_token": "x", "token_type": "mac"}),
+            "Google token endpoint: HTTP 200 without a bearer access_token",
+        ),
+        (
+            httpx.Response(502, text="<html>Bad Gateway</html>"),
+            "Google token endpoint: HTTP 502: <html>Bad Gateway</html>",
+        ),
+        (
+            httpx.Response(400, json={"error": "unauthorized_client"}),
+            "Google token endpoint refused the grant (HTTP 400, unauthorized_client)",
+        ),
+    ],
+)
+def test_unusable_token_answers_are_retryable(response, reason):
+    """A token answer without a bearer token, an HTML error or a bare OAuth error is retryable."""
+    run = drive(provider().flow(simple_message(), 0.0), script(response))
+
+    assert isinstance(run.outcome, Retryable)
+    assert reason == run.outcome.reason
+
+
+def test_non_json_error_body_is_classified_by_status():
+    """An HTML error page from Google's front end is classified by its status alone."""
+    outcome = provider().interpret_response(httpx.Response(503, text="Service Unavailable"))
+
+    assert Retryable("HTTP 503: Service Unavailable", 503, None) == outcome
+
+
+def test_token_lifetime_defaults_and_repr_hides_the_value():
+    """A token answer without expires_in lives an hour; the token's repr does not show it."""
+    store = provider().oauth.store
+    token = store.save({"access_token": "ya29.secret", "expires_in": "soon"}, 0.0)
+
+    assert 3300.0 == token.refresh_at
+    assert "ya29.secret" not in repr(token)

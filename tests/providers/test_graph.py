@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -19,7 +20,7 @@ import pytest
 
 from bridge import providers
 from bridge.config import load_config
-from bridge.model import Delivered, Permanent, Retryable
+from bridge.model import Attachment, Delivered, Permanent, Retryable
 from bridge.providers.graph import (
     MAX_REQUEST_BYTES,
     UPLOAD_CHUNK,
@@ -646,3 +647,163 @@ routes:
     fields = form(adapter.oauth.grant.request(10.0))
 
     assert "PS256" == jwt_parts(fields["client_assertion"])[0]["alg"]
+
+
+# --- remaining branches -------------------------------------------------------------------------
+
+
+def test_more_bad_credentials_are_refused():
+    """A key without certificate or thumbprint, a stray thumbprint, or unreadable PEM is refused."""
+    _, key_pem, _ = rsa_key_and_certificate()
+    bad: list[dict[str, Any]] = [
+        {"client_secret": None, "private_key": key_pem},
+        {"thumbprint": "ab" * 20},
+        {"client_secret": None, "private_key": "not a key", "thumbprint": "ab" * 20},
+        {"client_secret": None, "private_key": key_pem, "certificate": "not a certificate"},
+    ]
+    for overrides in bad:
+        with pytest.raises(pydantic.ValidationError):
+            provider(**overrides)
+
+
+def test_inline_image_reply_to_and_sender_in_json():
+    """JSON carries inline images with their Content-ID, Reply-To, and notes the Sender header."""
+    raw = mime(
+        html='<p><img src="cid:logo@x"></p>',
+        headers={"Reply-To": "Help <help@example.com>", "Sender": "bot@example.com"},
+    )
+    msg = message(raw, ("anna@example.org",))
+    logo = Attachment("logo.png", "image/png", "inline", "<logo@x>", b"\x89PNG")
+    msg = dataclasses.replace(msg, attachments=(logo,))
+    adapter = provider()
+    doc = graph_json(adapter.build_request(msg))["message"]
+
+    assert [{"emailAddress": {"address": "help@example.com", "name": "Help"}}] == doc["replyTo"]
+    assert {"isInline": True, "contentId": "logo@x", "name": "logo.png"}.items() <= doc[
+        "attachments"
+    ][0].items()
+    assert "Sender header (Graph sets it from the mailbox)" in adapter.unsupported(msg)
+
+
+def test_build_request_refuses_draft_sized_mail():
+    """build_request() cannot express the draft path and says so."""
+    msg = dataclasses.replace(
+        simple_message(),
+        attachments=(
+            Attachment("a.bin", "application/octet-stream", "attachment", None, b"x" * 3_500_000),
+        ),
+    )
+    with pytest.raises(ValueError, match="use flow"):
+        provider().build_request(msg)
+
+
+def test_token_with_refresh_in_is_renewed_at_refresh_on():
+    """msal's refresh_in from Entra ID makes the cache renew the token early."""
+    adapter = provider()
+    msg = simple_message()
+    early = httpx.Response(
+        200,
+        json={
+            "token_type": "Bearer",
+            "expires_in": 86399,
+            "refresh_in": 43199,
+            "access_token": "AT-1",
+        },
+    )
+    drive(adapter.flow(msg, 0.0), script(early, httpx.Response(202)))
+    before = drive(adapter.flow(msg, 43198.0), script(httpx.Response(202)))
+    after = drive(adapter.flow(msg, 43200.0), script(token_response("AT-2"), httpx.Response(202)))
+
+    assert 1 == len(before.requests)
+    assert TOKEN_URL == str(after.requests[0].url)
+
+
+def test_dropping_another_token_keeps_the_cached_one():
+    """A 401 for a token already replaced does not evict the newer token."""
+    store = provider().oauth.store
+    store.save({"access_token": "AT-new", "expires_in": 3600}, 0.0)
+    store.drop("AT-old")
+
+    assert "AT-new" == getattr(store.load(10.0), "value", None)
+
+
+def big_attachment_message() -> Any:
+    big = Attachment("scan.tif", "image/tiff", "attachment", None, b"z" * 3_500_000)
+    return dataclasses.replace(simple_message(), attachments=(big,))
+
+
+SESSION = httpx.Response(
+    201,
+    json={"uploadUrl": "https://outlook.office.com/up?authtoken=x", "nextExpectedRanges": ["0-"]},
+)
+
+
+@pytest.mark.parametrize(
+    ("answers", "expected"),
+    [
+        (
+            [error(403, "ErrorAccessDenied", "Access is denied.")],
+            Permanent("creating the draft: HTTP 403: ErrorAccessDenied: Access is denied.", 403),
+        ),
+        (
+            [httpx.Response(201, json={})],
+            Retryable("creating the draft: the answer has no message id"),
+        ),
+        (
+            [
+                httpx.Response(201, json={"id": "D"}),
+                httpx.Response(201, json={"uploadUrl": "http://evil.example/up"}),
+                httpx.Response(204),
+            ],
+            Retryable(
+                "attachment 1 of 1 (scan.tif): "
+                "createUploadSession answered without a usable uploadUrl"
+            ),
+        ),
+        (
+            [
+                httpx.Response(201, json={"id": "D"}),
+                SESSION,
+                error(500, "UnknownError", "boom"),
+                httpx.Response(204),
+            ],
+            Retryable("attachment 1 of 1 (scan.tif): HTTP 500: UnknownError: boom", 500),
+        ),
+        (
+            [
+                httpx.Response(201, json={"id": "D"}),
+                SESSION,
+                httpx.Response(200, json={"nextExpectedRanges": ["0-"]}),
+                httpx.Response(204),
+            ],
+            Retryable("attachment 1 of 1 (scan.tif): upload session made no progress at byte 0"),
+        ),
+        (
+            [
+                httpx.Response(201, json={"id": "D"}),
+                SESSION,
+                httpx.Response(200, json={}),
+                httpx.Response(200, json={}),
+                httpx.Response(204),
+            ],
+            Retryable(
+                "attachment 1 of 1 (scan.tif): upload session did not confirm the last range"
+            ),
+        ),
+        (
+            [
+                httpx.Response(201, json={"id": "D"}),
+                SESSION,
+                httpx.Response(200),
+                httpx.Response(201),
+                error(400, "ErrorInvalidRecipients", "bad"),
+            ],
+            Permanent("sending the draft: HTTP 400: ErrorInvalidRecipients: bad", 400),
+        ),
+    ],
+)
+def test_draft_path_failures(answers, expected):
+    """Each step of the draft path reports its own failure, naming the step."""
+    run = drive(provider().flow(big_attachment_message(), 0.0), script(token_response(), *answers))
+
+    assert expected == run.outcome
