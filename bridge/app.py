@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import time
 import weakref
 from collections.abc import Mapping
@@ -28,7 +29,7 @@ from bridge import health, providers
 from bridge.config import Config
 from bridge.delivery import DeliveryWorker, build_clients
 from bridge.providers.base import Provider, ProviderSettings
-from bridge.smtp import BridgeHandler, BridgeSMTP, create_smtp_server
+from bridge.smtp import BridgeHandler, BridgeSMTP, create_smtp_server, reload_tls, tls_context
 from bridge.spool import Spool
 
 __all__ = ["Bridge", "build_accounts", "serve"]
@@ -69,6 +70,7 @@ class Bridge:
     health_server: asyncio.Server | None = None
     sessions: weakref.WeakSet[BridgeSMTP] = field(default_factory=weakref.WeakSet)
     worker_task: asyncio.Task[None] | None = None
+    tls: ssl.SSLContext | None = None
 
     @property
     def smtp_port(self) -> int:
@@ -99,9 +101,12 @@ class Bridge:
         worker = DeliveryWorker(config, spool, accounts, clients)
         handler = BridgeHandler(config, spool, accounts, on_queued=worker.wake)
         sessions: weakref.WeakSet[BridgeSMTP] = weakref.WeakSet()
-        server = await create_smtp_server(handler, config, port=smtp_port, sessions=sessions)
+        tls = tls_context(config)
+        server = await create_smtp_server(
+            handler, config, port=smtp_port, sessions=sessions, tls_context=tls
+        )
         listen = config.listen
-        bridge = cls(config, spool, worker, handler, server, clients, sessions=sessions)
+        bridge = cls(config, spool, worker, handler, server, clients, sessions=sessions, tls=tls)
         if config.health.enabled:
             bridge.health_server = await health.serve_health(
                 config.health.host,
@@ -118,6 +123,19 @@ class Bridge:
             providers=sorted(config.providers),
         )
         return bridge
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the TLS certificate and key (renewed certificates, no restart)."""
+        if self.tls is None:
+            log.info("reload_ignored", reason="no listen.tls configured")
+            return
+        try:
+            reload_tls(self.tls, self.config)
+        except (OSError, ssl.SSLError) as exc:
+            # Keep serving with the certificate already loaded.
+            log.error("tls_reload_failed", error=str(exc))
+            return
+        log.info("tls_reloaded")
 
     async def readiness(self) -> health.HealthReport:
         """Gather the facts for /readyz."""
@@ -172,6 +190,7 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, bridge.reload)
     sd_notify("READY=1")
     watchdog = _watchdog_task()
     try:

@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("health", help="ask the running daemon's /readyz; exit 0 when ready")
     _config_arg(p)
 
+    p = sub.add_parser(
+        "passwd",
+        help="hash a password for auth.users[].password_hash (prompts, or reads stdin)",
+    )
+
     p = sub.add_parser("config", help="config file helpers")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     csub.add_parser("schema", help="print the JSON Schema of the config file (for editors)")
@@ -135,6 +140,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _health(args)
     if args.command == "config":
         return _config_schema()
+    if args.command == "passwd":
+        return _passwd()
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
 
 
@@ -262,6 +269,25 @@ def _health(args: argparse.Namespace) -> int:
         return EX_OK
     print(f"not ready: {text}", file=sys.stderr)
     return EX_FAIL
+
+
+def _passwd() -> int:
+    import getpass
+
+    from bridge.passwords import hash_password
+
+    if sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if first != getpass.getpass("Again: "):
+            print("smtp-bridge: the passwords differ", file=sys.stderr)
+            return EX_FAIL
+    else:
+        first = sys.stdin.readline().rstrip("\r\n")
+    if not first:
+        print("smtp-bridge: empty password", file=sys.stderr)
+        return EX_FAIL
+    print(hash_password(first))
+    return EX_OK
 
 
 def _config_schema() -> int:

@@ -15,6 +15,7 @@ Two expansions happen before validation, so they work in every section:
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,15 +28,19 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 from bridge import providers
 from bridge.errors import ConfigError, KeyPath
+from bridge.passwords import is_hash
 from bridge.providers.base import ProviderSettings
 
 __all__ = [
     "AccountLimits",
+    "AuthConfig",
+    "AuthUser",
     "Config",
     "DeliveryConfig",
     "ListenConfig",
@@ -44,6 +49,7 @@ __all__ = [
     "RetryConfig",
     "Route",
     "SpoolConfig",
+    "TLSConfig",
     "load_config",
     "load_config_file",
     "parse_duration",
@@ -113,6 +119,17 @@ class _Section(BaseModel):
 # --------------------------------------------------------------------------- sections
 
 
+class TLSConfig(_Section):
+    """``listen.tls:`` certificate for STARTTLS or implicit TLS (re-read on SIGHUP)."""
+
+    cert_file: str
+    key_file: str
+    #: True: TLS from the first byte (port 465 style); False: offer STARTTLS.
+    implicit: bool = False
+    #: Refuse MAIL until the client has done STARTTLS.
+    require_starttls: bool = False
+
+
 class ListenConfig(_Section):
     """``listen:`` the SMTP side."""
 
@@ -123,6 +140,63 @@ class ListenConfig(_Section):
     max_recipients: int = Field(default=1000, gt=0)
     #: Seconds a client may idle between commands before the session is closed.
     timeout: Duration = 300.0
+    #: Longest a whole DATA transfer may take (cuts clients that trickle bytes).
+    data_timeout: Duration = 600.0
+    #: Concurrent sessions, in all and from one IP address; more get 421.
+    max_connections: int = Field(default=200, gt=0)
+    max_connections_per_ip: int = Field(default=50, gt=0)
+    #: 5xx replies one session may collect before it is closed with 421.
+    max_errors: int = Field(default=20, gt=0)
+    #: Client networks (CIDR) allowed to connect; empty means any.
+    allow_networks: tuple[str, ...] = ()
+    tls: TLSConfig | None = None
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not a network in CIDR form") from None
+        return value
+
+    def is_loopback(self) -> bool:
+        """True when the listener binds only a loopback address."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class AuthUser(_Section):
+    """``auth.users[]:`` one SMTP AUTH account."""
+
+    username: str = Field(min_length=1)
+    #: scrypt hash from `smtp-bridge passwd` (never the password itself).
+    password_hash: str
+    #: Envelope senders this user may use (addresses, globs, domains; "<>" for bounces).
+    #: Empty means any.
+    allowed_senders: tuple[str, ...] = ()
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hash(cls, value: str) -> str:
+        if not is_hash(value):
+            raise ValueError("must be a hash made by `smtp-bridge passwd` ($scrypt$...)")
+        return value
+
+
+class AuthConfig(_Section):
+    """``auth:`` SMTP AUTH PLAIN/LOGIN for clients that must log in."""
+
+    users: tuple[AuthUser, ...] = ()
+    #: With users configured, refuse MAIL from sessions that have not authenticated.
+    required: bool = True
+    #: Offer AUTH without TLS on a non-loopback listener (passwords in clear text).
+    allow_plaintext: bool = False
 
 
 class SpoolConfig(_Section):
@@ -232,6 +306,7 @@ class Config(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     listen: ListenConfig = ListenConfig()
+    auth: AuthConfig = AuthConfig()
     spool: SpoolConfig = SpoolConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     providers: dict[str, ProviderAccount]
@@ -259,6 +334,7 @@ class _Document(_Section):
     """The top level as written, before provider settings are validated."""
 
     listen: ListenConfig = ListenConfig()
+    auth: AuthConfig = AuthConfig()
     spool: SpoolConfig = SpoolConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     providers: dict[str, dict[str, Any]] = Field(min_length=1)
@@ -422,6 +498,18 @@ def load_config(text: str, env: Mapping[str, str], *, base_dir: Path | None = No
             name=name, type=type_name, settings=settings, limits=limits
         )
 
+    if not top.listen.is_loopback() and not top.listen.allow_networks and not top.auth.users:
+        problems.append(
+            (
+                ("listen", "host"),
+                "a non-loopback listener needs auth.users or listen.allow_networks "
+                "(it would be an open relay)",
+            )
+        )
+    for i, user in enumerate(top.auth.users):
+        if [u.username for u in top.auth.users].index(user.username) != i:
+            problems.append((("auth", "users", i, "username"), "duplicate username"))
+
     for i, route in enumerate(top.routes):
         if route.provider not in top.providers:
             problems.append(
@@ -438,6 +526,7 @@ def load_config(text: str, env: Mapping[str, str], *, base_dir: Path | None = No
         raise ConfigError(_first_per_path(problems))
     return Config(
         listen=top.listen,
+        auth=top.auth,
         spool=top.spool,
         delivery=top.delivery,
         providers=accounts,

@@ -89,7 +89,12 @@ async def send_flow(
     """Drive a provider's request/response flow over `client`; transport errors → Retryable."""
     flow = provider.flow(message, now)
     try:
-        request = next(flow)
+        try:
+            request = next(flow)
+        except StopIteration as stop:
+            # The adapter decided without a round trip (e.g. nothing it could send).
+            decided: Outcome = stop.value
+            return decided
         while True:
             try:
                 response = await client.send(request)

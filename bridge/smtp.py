@@ -10,21 +10,26 @@ Every aiosmtpd override lives in `BridgeSMTP`, each with the client behaviour it
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import ipaddress
+import ssl
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, AnyStr
 
 import structlog
 from aiosmtpd.smtp import MISSING as _MISSING  # the "no hook answered" sentinel
-from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, _Missing, syntax
 
 from bridge import health
-from bridge.config import Config, Route
+from bridge.config import AuthUser, Config, Route
 from bridge.errors import SpoolError
 from bridge.model import Envelope as BridgeEnvelope
+from bridge.passwords import verify_password
 from bridge.providers.base import Provider, ProviderSettings
-from bridge.routing import resolve, split_by_route
+from bridge.routing import matches, resolve, split_by_route
 from bridge.spool import NewEntry, Spool
 
 __all__ = ["BridgeHandler", "BridgeSMTP", "Reply", "create_smtp_server"]
@@ -53,6 +58,16 @@ class Reply:
     TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
     NO_ROUTE = "550 5.1.1 Recipient not accepted here"
     TEMPFAIL = "451 4.3.0 Temporary failure, please try again later"
+    ACCESS_DENIED = "554 5.7.1 Access denied"
+    TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
+    TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+    DATA_TIMEOUT = "421 4.4.2 DATA took too long, closing connection"
+    SENDER_NOT_ALLOWED = "550 5.7.1 Sender address not allowed for this user"
+    AUTH_OK = "235 2.7.0 Authentication successful"
+    AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+    AUTH_ABORTED = "501 5.7.0 Authentication aborted"
+    AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode base64"
+    AUTH_BAD_PLAIN = "501 5.5.2 Cannot split PLAIN credentials"
 
 
 # Parameters RFC 5321 clients send on MAIL/RCPT that we accept. We advertise SIZE,
@@ -101,6 +116,100 @@ class BridgeSMTP(SMTP):
 
     def _create_envelope(self) -> _Envelope:
         return _Envelope()
+
+    # -- admission and session limits -------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        handler: BridgeHandler = self.event_handler
+        peer = _peer_ip(self.session.peer if self.session else None)
+        refusal = handler.admit(peer)
+        if refusal is not None:
+            log.info("smtp_refused", peer=peer, reply=refusal)
+            await self.push(refusal)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._admitted: str | None = peer
+        self._errors = 0
+        await super()._handle_client()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        peer: str | None = getattr(self, "_admitted", None)
+        if peer is not None:
+            self._admitted = None
+            self.event_handler.release(peer)
+        super().connection_lost(error)
+
+    async def push(self, status: AnyStr) -> None:
+        await super().push(status)
+        code = status[:1] if isinstance(status, str) else status[:1].decode("ascii", "replace")
+        if code != "5":
+            return
+        self._errors = getattr(self, "_errors", 0) + 1
+        handler: BridgeHandler = self.event_handler
+        if self._errors >= handler.config.listen.max_errors and self.transport is not None:
+            # Scanners and brute-force clients get cut off instead of trying forever.
+            await super().push(Reply.TOO_MANY_ERRORS)
+            self.transport.close()
+
+    # -- AUTH (RFC 4954): PLAIN (RFC 4616) and LOGIN (draft-murchison-sasl-login) -------
+
+    async def challenge_auth(
+        self, challenge: str | bytes, encode_to_b64: bool = True, log_client_response: bool = False
+    ) -> _Missing | bytes:
+        """Like aiosmtpd's, but tolerant of unpadded base64 (some embedded clients)."""
+        raw = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (base64.b64encode(raw) if encode_to_b64 else raw))
+        line = (await self._reader.readline()).strip()
+        if line == b"*":
+            await self.push(Reply.AUTH_ABORTED)
+            return _MISSING
+        decoded = _b64decode(line)
+        if decoded is None:
+            await self.push(Reply.AUTH_BAD_BASE64)
+            return _MISSING
+        return decoded
+
+    async def auth_PLAIN(self, _: object, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if not isinstance(blob, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            decoded = _b64decode(args[1].encode())
+            if decoded is None:
+                await self.push(Reply.AUTH_BAD_BASE64)
+                return AuthResult(success=False, handled=True)
+            blob = decoded
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await self.push(Reply.AUTH_BAD_PLAIN)
+            return AuthResult(success=False, handled=True)
+        return await self._check_login(parts[1], parts[2])
+
+    async def auth_LOGIN(self, _: object, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if not isinstance(login, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            decoded = _b64decode(args[1].encode())
+            if decoded is None:
+                await self.push(Reply.AUTH_BAD_BASE64)
+                return AuthResult(success=False, handled=True)
+            login = decoded
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if not isinstance(password, bytes):
+            return AuthResult(success=False, handled=True)
+        return await self._check_login(login, password)
+
+    async def _check_login(self, login: bytes, password: bytes) -> AuthResult:
+        handler: BridgeHandler = self.event_handler
+        user = await handler.authenticate(login, password)
+        if user is None:
+            log.info("smtp_auth_failed", peer=_peer_ip(self.session.peer if self.session else None))
+            return AuthResult(success=False, handled=False, message=Reply.AUTH_FAILED)
+        return AuthResult(success=True, auth_data=user, message=Reply.AUTH_OK)
 
     def _env_(self) -> _Envelope:
         # A method, not a property: aiosmtpd's __init__ runs inspect.getmembers(self),
@@ -166,6 +275,10 @@ class BridgeSMTP(SMTP):
             if self.data_size_limit and int(size) > self.data_size_limit:
                 await self.push(Reply.TOO_BIG)
                 return
+        handler: BridgeHandler = self.event_handler
+        if not handler.sender_allowed(self.session, address):
+            await self.push(Reply.SENDER_NOT_ALLOWED)
+            return
         status = await self._call_handler_hook("MAIL", address, rest.split())
         if status is None or status is _MISSING or str(status).startswith("250"):
             self._env_().mail_from = address
@@ -216,7 +329,10 @@ class BridgeSMTP(SMTP):
             await self.push(Reply.SYNTAX_DATA)
             return
         await self.push(Reply.START_DATA)
-        data, too_big = await self._read_data()
+        data, too_big, aborted = await self._read_data()
+        if aborted:
+            self._reset_envelope()
+            return
         if too_big:
             self._reset_envelope()
             await self.push(Reply.TOO_BIG)
@@ -227,8 +343,8 @@ class BridgeSMTP(SMTP):
         self._reset_envelope()
         await self.push(Reply.OK if status is _MISSING else status)
 
-    async def _read_data(self) -> tuple[bytes, bool]:
-        """Read DATA up to CRLF.CRLF; returns (dot-unstuffed bytes, over the limit).
+    async def _read_data(self) -> tuple[bytes, bool, bool]:
+        """Read DATA up to CRLF.CRLF: (dot-unstuffed bytes, over the limit, aborted).
 
         A "line" is what ends in CRLF; bare LF is ordinary data (RFC 5321 §4.1.1.4:
         the end of data is CRLF.CRLF and nothing else). Segments longer than the
@@ -236,6 +352,8 @@ class BridgeSMTP(SMTP):
         """
         reader: asyncio.StreamReader = self._reader
         limit = self.data_size_limit
+        handler: BridgeHandler = self.event_handler
+        deadline = time.monotonic() + handler.config.listen.data_timeout
         buf = bytearray()
         size = 0
         too_big = False
@@ -246,6 +364,12 @@ class BridgeSMTP(SMTP):
             except asyncio.LimitOverrunError as exc:
                 piece = await reader.readexactly(exc.consumed)
             self._reset_timeout()
+            if time.monotonic() > deadline:
+                # A client trickling bytes (slowloris) must not hold a session for ever.
+                await self.push(Reply.DATA_TIMEOUT)
+                if self.transport is not None:
+                    self.transport.close()
+                return b"", False, True
             if at_line_start:
                 if piece == b".\r\n":
                     break
@@ -262,7 +386,7 @@ class BridgeSMTP(SMTP):
                 buf.clear()
                 continue
             buf += piece
-        return bytes(buf), too_big
+        return bytes(buf), too_big, False
 
 
 class BridgeHandler:
@@ -292,10 +416,62 @@ class BridgeHandler:
         self.on_queued = on_queued
         self.clock = clock
         self.limits = [route_limits(config, route, accounts) for route in config.routes]
+        self._users = {u.username: u for u in config.auth.users}
+        self._networks = [
+            ipaddress.ip_network(n, strict=False) for n in config.listen.allow_networks
+        ]
+        self._connections = 0
+        self._per_ip: dict[str, int] = {}
         #: DATA commands between end-of-data and their reply (shutdown waits for them).
         self.busy = 0
         self.idle = asyncio.Event()
         self.idle.set()
+
+    # -- admission ----------------------------------------------------------------------
+
+    def admit(self, peer: str) -> str | None:
+        """None to let a new connection in, or the reply that refuses it."""
+        listen = self.config.listen
+        if self._networks and not _in_networks(peer, self._networks):
+            return Reply.ACCESS_DENIED
+        if self._connections >= listen.max_connections:
+            return Reply.TOO_MANY_CONNECTIONS
+        if self._per_ip.get(peer, 0) >= listen.max_connections_per_ip:
+            return Reply.TOO_MANY_CONNECTIONS
+        self._connections += 1
+        self._per_ip[peer] = self._per_ip.get(peer, 0) + 1
+        return None
+
+    def release(self, peer: str) -> None:
+        """A connection that `admit` let in has ended."""
+        self._connections -= 1
+        left = self._per_ip.get(peer, 1) - 1
+        if left <= 0:
+            self._per_ip.pop(peer, None)
+        else:
+            self._per_ip[peer] = left
+
+    # -- authentication ---------------------------------------------------------------
+
+    async def authenticate(self, login: bytes, password: bytes) -> AuthUser | None:
+        """The user whose password matches, or None. scrypt runs off the event loop."""
+        name = login.decode("utf-8", "replace")
+        user = self._users.get(name)
+        if user is None:
+            # Spend the same time as a real check so usernames cannot be probed by timing.
+            await asyncio.to_thread(verify_password, password, _DUMMY_HASH)
+            return None
+        ok = await asyncio.to_thread(verify_password, password, user.password_hash)
+        return user if ok else None
+
+    def sender_allowed(self, session: Session | None, address: str) -> bool:
+        """May this session use `address` as its envelope sender?"""
+        user = getattr(session, "auth_data", None)
+        if not isinstance(user, AuthUser) or not user.allowed_senders:
+            return True
+        if address == "":
+            return "<>" in user.allowed_senders
+        return matches(address, [p for p in user.allowed_senders if p != "<>"])
 
     async def handle_EHLO(
         self,
@@ -305,9 +481,14 @@ class BridgeHandler:
         hostname: str,
         responses: list[str],
     ) -> list[str]:
-        """Add PIPELINING and ENHANCEDSTATUSCODES, which aiosmtpd supports but omits."""
+        """Add PIPELINING and ENHANCEDSTATUSCODES, which aiosmtpd supports but omits.
+
+        The AUTH line is dropped when no users are configured (aiosmtpd would offer
+        mechanisms that can never succeed).
+        """
         session.host_name = hostname
-        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+        body = [r for r in responses[:-1] if self._users or not r.startswith("250-AUTH")]
+        return [*body, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -395,6 +576,39 @@ class BridgeHandler:
         )
 
 
+# A valid hash of a random password, checked when the username is unknown.
+_DUMMY_HASH = (
+    "$scrypt$ln=14,r=8,p=1$c210cC1icmlkZ2UtZHVtbXk$Wm9mV3l1c2VsZXNzLWtleS1mb3ItdGltaW5nLW9ubHk"
+)
+
+
+def _b64decode(data: bytes) -> bytes | None:
+    """Strict base64 alphabet, but missing padding tolerated."""
+    data = data.strip()
+    try:
+        return base64.b64decode(data + b"=" * (-len(data) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _peer_ip(peer: object) -> str:
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "")
+
+
+def _in_networks(
+    peer: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
+    try:
+        addr = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
+
+
 def route_limits(
     config: Config, route: Route, accounts: Mapping[str, Provider[ProviderSettings]]
 ) -> tuple[int | None, int | None]:
@@ -411,6 +625,8 @@ def route_limits(
 
 def _auth_user(session: Session) -> str | None:
     data = getattr(session, "auth_data", None)
+    if isinstance(data, AuthUser):
+        return data.username
     if isinstance(data, bytes):
         return data.decode("utf-8", "replace")
     if isinstance(data, str):
@@ -433,12 +649,30 @@ def _message_id(raw: bytes) -> str | None:
     return None
 
 
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server TLS context from `listen.tls`, or None. `reload_tls` re-reads it."""
+    if config.listen.tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    reload_tls(ctx, config)
+    return ctx
+
+
+def reload_tls(ctx: ssl.SSLContext, config: Config) -> None:
+    """Load the certificate files again into `ctx` (SIGHUP); new sessions use them."""
+    tls = config.listen.tls
+    assert tls is not None
+    ctx.load_cert_chain(config.resolve_path(tls.cert_file), config.resolve_path(tls.key_file))
+
+
 async def create_smtp_server(
     handler: BridgeHandler,
     config: Config,
     *,
     port: int | None = None,
     sessions: weakref.WeakSet[BridgeSMTP] | None = None,
+    tls_context: ssl.SSLContext | None = None,
 ) -> asyncio.Server:
     """Start listening in the running loop (port 0 picks a free port; read it back).
 
@@ -447,9 +681,15 @@ async def create_smtp_server(
         config: Listener settings come from `config.listen`.
         port: Overrides `config.listen.port` (tests pass 0).
         sessions: If given, every session's protocol is added (for shutdown).
+        tls_context: Server context for STARTTLS or implicit TLS (see `tls_context`).
     """
     loop = asyncio.get_running_loop()
     listen = config.listen
+
+    users = bool(config.auth.users)
+    implicit = listen.tls is not None and listen.tls.implicit
+    # AUTH in clear text only on loopback, with TLS, or when the operator says so.
+    auth_require_tls = not (listen.is_loopback() or config.auth.allow_plaintext or implicit)
 
     def factory() -> BridgeSMTP:
         proto = BridgeSMTP(
@@ -460,6 +700,10 @@ async def create_smtp_server(
             hostname=listen.hostname,
             ident="smtp-bridge ESMTP",
             timeout=listen.timeout,
+            tls_context=None if implicit else tls_context,
+            require_starttls=bool(listen.tls and listen.tls.require_starttls and not implicit),
+            auth_required=users and config.auth.required,
+            auth_require_tls=auth_require_tls,
             loop=loop,
         )
         if sessions is not None:
@@ -467,5 +711,8 @@ async def create_smtp_server(
         return proto
 
     return await loop.create_server(
-        factory, host=listen.host, port=listen.port if port is None else port
+        factory,
+        host=listen.host,
+        port=listen.port if port is None else port,
+        ssl=tls_context if implicit else None,
     )

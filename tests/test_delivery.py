@@ -354,3 +354,20 @@ async def test_account_rate_limit_spaces_requests(
     span = max(sent_at) - min(sent_at)
     assert 30 == len(sent_at)
     assert 0.4 <= span < 2.0
+
+
+async def test_flow_that_decides_without_sending_is_recorded() -> None:
+    """An adapter flow may return an outcome before yielding any request."""
+    from bridge.delivery import send_flow
+    from bridge.model import Permanent
+
+    class Decider:
+        def flow(self, message: object, now: float):  # type: ignore[no-untyped-def]
+            return Permanent(reason="nothing to send")
+            yield  # a generator that returns at once
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(500)))
+
+    outcome = await send_flow(Decider(), None, client, 0.0)  # type: ignore[arg-type]
+
+    assert Permanent(reason="nothing to send") == outcome
