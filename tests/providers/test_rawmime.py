@@ -419,3 +419,53 @@ def test_decoded_content_is_preserved(blobs: list[bytes], text: str) -> None:
 
     assert leaf_payloads(raw) == leaf_payloads(out)
     assert MAX_LINE_OCTETS >= longest_line(out)
+
+
+def test_header_token_longer_than_998_is_folded_after_it() -> None:
+    """A header whose first 998 octets hold no whitespace is folded at the next one."""
+    raw = b"X-Long: " + b"a" * 1200 + b" tail\r\n\r\nhi\r\n"
+
+    assert b"X-Long: " + b"a" * 1200 + b"\r\n tail\r\n\r\nhi\r\n" == prepare_raw(raw)
+
+
+def test_message_partial_is_left_alone() -> None:
+    """A message/partial fragment may not be re-encoded or entered, so it stays as is."""
+    raw = b"Content-Type: message/partial; id=x; number=1\r\n\r\n" + b"p" * 1200 + b"\r\n"
+
+    assert raw == prepare_raw(raw)
+
+
+def test_empty_parts_and_unterminated_close_delimiter_stay_exact() -> None:
+    """Adjacent delimiters and a close delimiter without CRLF survive byte for byte."""
+    raw = (
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n--b\r\n"
+        b"Content-Type: text/plain\r\n\r\n" + b"x" * 1000 + b"\r\n--b--"
+    )
+    out = prepare_raw(raw)
+
+    assert out.startswith(b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n--b\r\n")
+    assert out.endswith(b"\r\n--b--")
+    assert leaf_payloads(raw) == leaf_payloads(out)
+
+
+def test_reencoded_part_keeps_a_single_transfer_encoding() -> None:
+    """A leaf with two Content-Transfer-Encoding fields gets exactly one after re-encoding."""
+    raw = (
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+        b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: 8bit\r\n"
+        b"Content-Transfer-Encoding: 7bit\r\n\r\n" + b"\x01" * 1500 + b"\r\n--b--\r\n"
+    )
+    part = prepare_raw(raw).split(b"--b\r\n")[1].split(b"\r\n--b--")[0]
+
+    assert 1 == part.count(b"Content-Transfer-Encoding")
+    assert b"\x01" * 1500 == base64.b64decode(part.split(b"\r\n\r\n", 1)[1])
+
+
+def test_plain_quoted_printable_line_is_split_anywhere() -> None:
+    """A long quoted-printable line without escapes is split at 75 characters plus '='."""
+    raw = b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + b"0123456789" * 120 + b"\r\n"
+    out = prepare_raw(raw)
+    body = out.split(b"\r\n\r\n", 1)[1]
+
+    assert b"0123456789" * 120 + b"\r\n" == binascii.a2b_qp(body)
+    assert {76} == {len(line) for line in body.split(b"\r\n")[:-2]}

@@ -478,3 +478,13 @@ def test_moto_rejects_an_unverified_sender(moto_url: str) -> None:
 
     assert isinstance(outcome, Permanent)
     assert "MessageRejected" in outcome.reason
+
+
+def test_unsupported_without_from_and_unencodable_domain() -> None:
+    """A message without From is checked on the envelope; an invalid IDN is sent unchanged."""
+    bad_domain = "x@" + "ü" * 70 + ".example"
+    message = make_message(b"Subject: s\r\n\r\nhi\r\n", rcpt_to=(bad_domain,))
+    doc = body_of(next(provider().flow(message, NOW)))
+
+    assert () == provider().unsupported(message)
+    assert [bad_domain] == doc["Destination"]["ToAddresses"]

@@ -221,3 +221,8 @@ def test_rate_limit_and_server_errors_are_retried(status: int) -> None:
         )
         == outcome
     )
+
+
+def test_200_without_json_is_delivered_without_id() -> None:
+    """A 2xx whose body is not JSON counts as delivered, without an id."""
+    assert Delivered(status=200) == provider().interpret_response(response(200, "OK"))
