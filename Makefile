@@ -38,5 +38,8 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+bench: $(STAMP)
+	$(BIN)/python bench/bench.py
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

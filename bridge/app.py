@@ -40,7 +40,7 @@ log = structlog.get_logger("bridge.app")
 def build_accounts(config: Config) -> dict[str, Provider[ProviderSettings]]:
     """An adapter instance per configured provider account."""
     return {
-        name: providers.get(account.type)(account.settings)
+        name: providers.get(account.type).create(account.settings)
         for name, account in config.providers.items()
     }
 

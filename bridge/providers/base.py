@@ -70,6 +70,15 @@ class Provider(ABC, Generic[S]):
         self.settings = settings
 
     @classmethod
+    def create(cls, settings: ProviderSettings) -> Provider[Any]:
+        """Build the adapter for a running bridge (start-up, I/O allowed).
+
+        The default is the constructor; SES overrides it to look up the AWS credential
+        chain once, here, instead of inside the pure request building.
+        """
+        return cls(settings)  # type: ignore[arg-type]
+
+    @classmethod
     def parse_settings(cls, raw: dict[str, Any]) -> ProviderSettings:
         """Validate a settings block; raises pydantic.ValidationError."""
         return cls.settings_model.model_validate(raw)

@@ -252,6 +252,12 @@ class SESProvider(Provider[SESSettings]):
         """The provider with `resolve_credentials` (I/O: start-up only)."""
         return cls(settings, resolve_credentials(settings))
 
+    @classmethod
+    def create(cls, settings: ProviderSettings) -> SESProvider:
+        """Start-up: static keys from the settings, else the standard AWS chain."""
+        assert isinstance(settings, SESSettings)
+        return cls.with_resolved_credentials(settings)
+
     @property
     def url(self) -> str:
         """The SendEmail endpoint."""
