@@ -240,6 +240,7 @@ def _entry_doc(e: object) -> dict[str, object]:
         "last_status": e.last_status,
         "last_error": e.last_error,
         "provider_message_id": e.provider_message_id,
+        "bounce_id": e.bounce_id,
     }
 
 

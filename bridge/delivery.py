@@ -22,12 +22,13 @@ import structlog
 
 from bridge import health
 from bridge.config import AccountLimits, Config
+from bridge.dsn import build_dsn
 from bridge.mime import parse_message
-from bridge.model import Delivered, Outcome, Permanent, Retryable
+from bridge.model import Delivered, Envelope, Outcome, Permanent, Retryable
 from bridge.pacing import Circuit, TokenBucket, choose_provider
 from bridge.providers.base import Provider, ProviderSettings
 from bridge.retry import Ack, DeadLetter, RetryAt, decide
-from bridge.spool import Claim, Spool, State
+from bridge.spool import Claim, NewEntry, Spool, State
 
 __all__ = ["DeliveryWorker", "build_clients", "send_flow"]
 
@@ -350,7 +351,8 @@ class DeliveryWorker:
             )
         else:
             assert isinstance(decision, DeadLetter)
-            await self.spool.finish(
+            bounce = self._bounce(claim, outcome, decision)
+            bounce_id = await self.spool.finish(
                 entry,
                 state=State.DEAD,
                 started_at=started,
@@ -358,8 +360,42 @@ class DeliveryWorker:
                 status=status,
                 detail=decision.reason,
                 provider=name,
+                bounce=bounce,
             )
-            log.warning("delivery_dead", reason=decision.reason)
+            health.DEAD_LETTERS.labels(bounced="yes" if bounce_id else "no").inc()
+            log.warning("delivery_dead", reason=decision.reason, bounce_id=bounce_id)
+            if bounce_id:
+                self.wake()
+
+    def _bounce(
+        self, claim: Claim, outcome: Outcome, decision: DeadLetter
+    ) -> tuple[bytes, NewEntry] | None:
+        """The DSN for an entry that went dead, or None (null sender, bounces off).
+
+        It goes back through the same route, with the null reverse-path, so a bounce
+        can never bounce (RFC 5321 §6.1, RFC 3464).
+        """
+        entry = claim.entry
+        route = self.config.routes[entry.route] if entry.route < len(self.config.routes) else None
+        if route is None or not route.bounces or entry.envelope.mail_from == "":
+            return None
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        hostname = self.config.listen.hostname
+        dsn = build_dsn(
+            original=claim.raw,
+            envelope=entry.envelope,
+            reason=decision.reason,
+            status=getattr(outcome, "status", None),
+            permanent=isinstance(outcome, Permanent),
+            reporting_mta=hostname,
+            arrival=datetime.fromtimestamp(entry.created_at, UTC),
+            now=now,
+            message_id=f"<dsn.{entry.id}@{hostname}>",
+        )
+        if dsn is None:
+            return None
+        envelope = Envelope(mail_from="", rcpt_to=(entry.envelope.mail_from,))
+        return dsn, NewEntry(route=entry.route, provider=route.provider, envelope=envelope)
 
 
 def _label(outcome: Outcome) -> str:

@@ -21,6 +21,7 @@ from prometheus_client import (
 )
 
 __all__ = [
+    "DEAD_LETTERS",
     "DELIVERY_ATTEMPTS",
     "QUEUE_ENTRIES",
     "REGISTRY",
@@ -38,6 +39,10 @@ SMTP_TRANSACTIONS = Counter(
 DELIVERY_ATTEMPTS = Counter(
     "smtp_bridge_delivery_attempts", "Delivery attempts by provider account and outcome",
     ["provider", "outcome"], registry=REGISTRY,
+)  # fmt: skip
+DEAD_LETTERS = Counter(
+    "smtp_bridge_dead_letters", "Entries that went dead, by whether a bounce was queued",
+    ["bounced"], registry=REGISTRY,
 )  # fmt: skip
 QUEUE_ENTRIES = Gauge(
     "smtp_bridge_queue_entries", "Spool entries by state", ["state"], registry=REGISTRY

@@ -83,7 +83,8 @@ CREATE TABLE IF NOT EXISTS entries (
     last_error          TEXT,
     last_status         INTEGER,
     provider_message_id TEXT,
-    message_id          TEXT
+    message_id          TEXT,
+    bounce_id           TEXT
 );
 CREATE INDEX IF NOT EXISTS entries_due ON entries (state, next_at);
 CREATE INDEX IF NOT EXISTS entries_body ON entries (body_id);
@@ -161,6 +162,8 @@ class Entry:
     last_status: int | None
     provider_message_id: str | None
     message_id: str | None
+    #: For a dead entry: the entry id of the delivery status notification sent back.
+    bounce_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +224,7 @@ def _envelope_from_json(text: str) -> Envelope:
 
 _ENTRY_COLUMNS = (
     "id, body_id, route, provider, envelope, size, state, attempts, created_at, next_at, "
-    "updated_at, last_error, last_status, provider_message_id, message_id"
+    "updated_at, last_error, last_status, provider_message_id, message_id, bounce_id"
 )
 
 
@@ -243,6 +246,7 @@ def _entry(row: Sequence[Any]) -> Entry:
             last_status=row[12],
             provider_message_id=row[13],
             message_id=row[14],
+            bounce_id=row[15],
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise SpoolCorrupt(f"entry {row[0]!r} cannot be read: {exc}") from exc
@@ -521,33 +525,45 @@ class Spool:
             needed = self.min_free_space + 2 * len(raw)
             if free < needed:
                 raise SpoolFull(f"free space {free} B is below the reserve {needed} B")
-            conn.execute("INSERT INTO bodies (id, raw) VALUES (?, ?)", (body_id, raw))
-            conn.executemany(
-                "INSERT INTO entries (id, body_id, route, provider, mail_from, rcpt_to, envelope,"
-                " size, state, attempts, created_at, next_at, updated_at, message_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
-                [
-                    (
-                        eid,
-                        body_id,
-                        e.route,
-                        e.provider,
-                        e.envelope.mail_from,
-                        json.dumps(list(e.envelope.rcpt_to), ensure_ascii=False),
-                        _envelope_json(e.envelope),
-                        len(raw),
-                        State.QUEUED.value,
-                        now,
-                        now,
-                        now,
-                        message_id,
-                    )
-                    for eid, e in zip(ids, entries, strict=True)
-                ],
-            )
+            self._insert(conn, body_id, ids, raw, entries, now, message_id)
             return ids
 
         return await self._submit(job)
+
+    @staticmethod
+    def _insert(
+        conn: sqlite3.Connection,
+        body_id: str,
+        ids: Sequence[str],
+        raw: bytes,
+        entries: Sequence[NewEntry],
+        now: float,
+        message_id: str | None,
+    ) -> None:
+        conn.execute("INSERT INTO bodies (id, raw) VALUES (?, ?)", (body_id, raw))
+        conn.executemany(
+            "INSERT INTO entries (id, body_id, route, provider, mail_from, rcpt_to, envelope,"
+            " size, state, attempts, created_at, next_at, updated_at, message_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
+            [
+                (
+                    eid,
+                    body_id,
+                    e.route,
+                    e.provider,
+                    e.envelope.mail_from,
+                    json.dumps(list(e.envelope.rcpt_to), ensure_ascii=False),
+                    _envelope_json(e.envelope),
+                    len(raw),
+                    State.QUEUED.value,
+                    now,
+                    now,
+                    now,
+                    message_id,
+                )
+                for eid, e in zip(ids, entries, strict=True)
+            ],
+        )
 
     async def recover(self) -> int:
         """Make entries left inflight by a crash due again; returns how many."""
@@ -612,7 +628,8 @@ class Spool:
         next_at: float | None = None,
         provider_message_id: str | None = None,
         provider: str | None = None,
-    ) -> None:
+        bounce: tuple[bytes, NewEntry] | None = None,
+    ) -> str | None:
         """Record the end of an attempt: the log row, the new state, in one transaction.
 
         Args:
@@ -625,12 +642,20 @@ class Spool:
             next_at: For DEFERRED, when to try again.
             provider_message_id: The provider's id for a delivered message.
             provider: The provider account that made the attempt (failover may differ).
+            bounce: For DEAD: a delivery status notification to queue in the same
+                transaction, so a crash cannot leave a dead entry without its bounce.
+
+        Returns:
+            The id of the queued bounce entry, if one was given.
         """
         if state not in (State.DELIVERED, State.DEFERRED, State.DEAD):
             raise ValueError(f"cannot finish an attempt in state {state}")
         now = self.clock()
+        bounce_id = new_id(now, os.urandom(10)) if bounce is not None else None
 
-        def job(conn: sqlite3.Connection) -> None:
+        def job(conn: sqlite3.Connection) -> str | None:
+            if bounce is not None and bounce_id is not None:
+                self._insert(conn, bounce_id, [bounce_id], bounce[0], [bounce[1]], now, None)
             conn.execute(
                 "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (entry.id, entry.attempts, provider or entry.provider, started_at, now, outcome,
@@ -638,7 +663,8 @@ class Spool:
             )  # fmt: skip
             conn.execute(
                 "UPDATE entries SET state=?, next_at=?, updated_at=?, last_error=?, last_status=?,"
-                " provider_message_id=COALESCE(?, provider_message_id) WHERE id=?",
+                " provider_message_id=COALESCE(?, provider_message_id),"
+                " bounce_id=COALESCE(?, bounce_id) WHERE id=?",
                 (
                     state.value,
                     next_at if next_at is not None else entry.next_at,
@@ -646,13 +672,15 @@ class Spool:
                     None if state is State.DELIVERED else detail,
                     status,
                     provider_message_id,
+                    bounce_id,
                     entry.id,
                 ),
             )
             if state is State.DELIVERED:
                 self._drop_body_if_done(conn, entry.body_id)
+            return bounce_id
 
-        await self._submit(job)
+        return await self._submit(job)
 
     def _drop_body_if_done(self, conn: sqlite3.Connection, body_id: str) -> None:
         left = conn.execute(

@@ -175,7 +175,7 @@ async def test_400_is_dead_and_not_retried(
     assert entry is not None
     assert (State.DEAD, 400) == (entry.state, entry.last_status)
     assert 'HTTP 400: {"error":"bad sender"}' == entry.last_error
-    assert 1 == len(api.requests)
+    assert 1 == sum(1 for r in api.requests if json.loads(r.content)["id"] == eid)
 
 
 @pytest.mark.parametrize(
@@ -267,7 +267,9 @@ def two_accounts(make_config: Callable[..., Config]) -> Config:
             "primary": {"type": "webhook", "url": "https://primary.example.net/in"},
             "backup": {"type": "webhook", "url": "https://backup.example.net/in"},
         },
-        routes=[{"provider": "primary", "failover": ["backup"], "failover_after": 1}],
+        routes=[
+            {"provider": "primary", "failover": ["backup"], "failover_after": 1, "bounces": False}
+        ],
     )
 
 
@@ -371,3 +373,62 @@ async def test_flow_that_decides_without_sending_is_recorded() -> None:
     outcome = await send_flow(Decider(), None, client, 0.0)  # type: ignore[arg-type]
 
     assert Permanent(reason="nothing to send") == outcome
+
+
+async def test_dead_entry_sends_a_dsn_to_the_sender_through_the_same_route(
+    spool: Spool, worker_for: Callable[[Api], DeliveryWorker]
+) -> None:
+    """A permanent refusal queues a multipart/report bounce to the envelope sender, null path."""
+    api = Api(httpx.Response(400, json={"error": "bad"}), httpx.Response(200))
+    worker = worker_for(api)
+    eid = await queue(spool)
+
+    await worker.run_once()
+
+    dead = await spool.get(eid)
+    assert dead is not None
+    assert dead.bounce_id is not None
+    bounce = await spool.get(dead.bounce_id)
+    assert bounce is not None
+    assert ("", ("a@example.com",)) == (bounce.envelope.mail_from, bounce.envelope.rcpt_to)
+    assert State.DELIVERED == bounce.state
+    doc = json.loads(api.requests[1].content)
+    assert "Undelivered Mail Returned to Sender" == doc["subject"]
+    assert ["a@example.com"] == doc["envelope"]["rcpt_to"]
+    assert "" == doc["envelope"]["mail_from"]
+    assert ["message/delivery-status", "text/rfc822-headers"] == [
+        a["content_type"] for a in doc["attachments"]
+    ]
+
+
+async def test_a_bounce_never_bounces(
+    spool: Spool, worker_for: Callable[[Api], DeliveryWorker]
+) -> None:
+    """A dead entry with the null sender (itself a bounce) queues no DSN."""
+    api = Api(httpx.Response(400))
+    env = Envelope(mail_from="", rcpt_to=("b@example.org",))
+    (eid,) = await spool.put(RAW, [NewEntry(route=0, provider="hook", envelope=env)])
+
+    await worker_for(api).run_once()
+
+    entry = await spool.get(eid)
+    assert entry is not None
+    assert (State.DEAD, None) == (entry.state, entry.bounce_id)
+    assert 1 == len(api.requests)
+
+
+async def test_route_with_bounces_off_queues_no_dsn(
+    spool: Spool, make_config: Callable[..., Config], clock: Clock
+) -> None:
+    """routes[].bounces: false records the dead entry without sending a DSN."""
+    config = make_config(routes=[{"provider": "hook", "bounces": False}])
+    api = Api(httpx.Response(400))
+    client = httpx.AsyncClient(transport=httpx.MockTransport(api))
+    worker = DeliveryWorker(config, spool, build_accounts(config), {"hook": client}, clock=clock)
+    eid = await queue(spool)
+
+    await worker.run_once()
+
+    entry = await spool.get(eid)
+    assert entry is not None
+    assert (State.DEAD, None) == (entry.state, entry.bounce_id)
