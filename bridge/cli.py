@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
 
     p = sub.add_parser(
+        "providers", help="talk to the configured provider accounts (needs the network)"
+    )
+    _config_arg(p)
+    psub = p.add_subparsers(dest="providers_command", metavar="ACTION", required=True)
+    q = psub.add_parser(
+        "test",
+        help="send one test message through a route's provider now and print the answer",
+    )
+    q.add_argument("route", help="route name, or its index in routes[] (0 is the first)")
+    q.add_argument("--to", required=True, metavar="ADDR", help="recipient of the test message")
+    q.add_argument("--from", dest="sender", metavar="ADDR",
+                   help="sender (default: the route's default_sender)")  # fmt: skip
+
+    p = sub.add_parser(
         "passwd",
         help="hash a password for auth.users[].password_hash (prompts, or reads stdin)",
     )
@@ -142,6 +157,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _config_schema()
     if args.command == "passwd":
         return _passwd()
+    if args.command == "providers":
+        return asyncio.run(_providers_test(args))
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
 
 
@@ -270,6 +287,68 @@ def _health(args: argparse.Namespace) -> int:
         return EX_OK
     print(f"not ready: {text}", file=sys.stderr)
     return EX_FAIL
+
+
+async def _providers_test(args: argparse.Namespace) -> int:
+    """Send one message through each account of a route's chain, print each answer."""
+    import uuid
+
+    from bridge.app import build_accounts
+    from bridge.delivery import build_clients, send_flow
+    from bridge.mime import parse_message
+    from bridge.model import Delivered, Envelope
+
+    config = _load(args.config)
+    index = _route_index(config, args.route)
+    if index is None:
+        names = ", ".join(r.name or str(i) for i, r in enumerate(config.routes))
+        print(f"smtp-bridge: no route {args.route!r} (routes: {names})", file=sys.stderr)
+        return EX_NOINPUT
+    route = config.routes[index]
+    sender = args.sender or route.default_sender
+    if not sender:
+        print("smtp-bridge: give --from (the route has no default_sender)", file=sys.stderr)
+        return EX_FAIL
+    now = datetime.now(UTC)
+    raw = (
+        f"From: {sender}\r\nTo: {args.to}\r\nSubject: smtp-bridge test message\r\n"
+        f"Date: {now.strftime('%a, %d %b %Y %H:%M:%S +0000')}\r\n"
+        f"Message-ID: <test.{uuid.uuid4().hex}@{config.listen.hostname}>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+        f"This is a test message sent by `smtp-bridge providers test` at {now.isoformat()}.\r\n"
+    ).encode()
+    accounts = build_accounts(config)
+    clients = build_clients(config, accounts)
+    message = parse_message(
+        raw,
+        Envelope(mail_from=sender, rcpt_to=(args.to,)),
+        id=f"test-{uuid.uuid4().hex}",
+        received_at=now,
+    )
+    ok = True
+    try:
+        for name in config.chain(route):
+            outcome = await send_flow(accounts[name], message, clients[name], time.time())
+            verdict = type(outcome).__name__.lower()
+            detail = getattr(outcome, "reason", None) or getattr(outcome, "provider_message_id", "")
+            status = getattr(outcome, "status", None)
+            print(
+                f"{name} ({config.providers[name].type}): {verdict} {status or ''} {detail or ''}"
+            )
+            ok = ok and isinstance(outcome, Delivered)
+    finally:
+        for client in {id(c): c for c in clients.values()}.values():
+            await client.aclose()
+    return EX_OK if ok else EX_FAIL
+
+
+def _route_index(config: Config, key: str) -> int | None:
+    for i, route in enumerate(config.routes):
+        if route.name == key:
+            return i
+    if key.isdigit() and int(key) < len(config.routes):
+        return int(key)
+    return None
 
 
 def _passwd() -> int:

@@ -461,14 +461,65 @@ def load_config(text: str, env: Mapping[str, str], *, base_dir: Path | None = No
     problems: list[tuple[KeyPath, str]] = []
     doc = _expand(doc, env, (), problems)
     try:
-        top = _Document.model_validate(doc)
+        top: _Document | None = _Document.model_validate(doc)
     except ValidationError as exc:
+        # Keep going: provider settings and route names are checked below on the raw
+        # document, so one run reports every mistake in the file.
         problems.extend(_problems_from(exc, ()))
-        raise ConfigError(_first_per_path(problems)) from None
+        top = None
 
+    raw_providers = doc.get("providers")
+    accounts = _accounts(raw_providers if isinstance(raw_providers, dict) else {}, problems)
+    names = set(raw_providers) if isinstance(raw_providers, dict) else set()
+    routes = top.routes if top is not None else _valid_routes(doc.get("routes"))
+    for i, route in enumerate(routes):
+        if route.provider not in names:
+            problems.append(
+                (("routes", i, "provider"), f"no provider account named {route.provider!r}")
+            )
+        for j, other in enumerate(route.failover):
+            at: KeyPath = ("routes", i, "failover", j)
+            if other not in names:
+                problems.append((at, f"no provider account named {other!r}"))
+            elif other == route.provider or route.failover.index(other) != j:
+                problems.append((at, f"{other!r} is already in the chain"))
+    if top is None:
+        raise ConfigError(_first_per_path(problems))
+
+    if not top.listen.is_loopback() and not top.listen.allow_networks and not top.auth.users:
+        problems.append(
+            (
+                ("listen", "host"),
+                "a non-loopback listener needs auth.users or listen.allow_networks "
+                "(it would be an open relay)",
+            )
+        )
+    for i, user in enumerate(top.auth.users):
+        if [u.username for u in top.auth.users].index(user.username) != i:
+            problems.append((("auth", "users", i, "username"), "duplicate username"))
+
+    if problems:
+        raise ConfigError(_first_per_path(problems))
+    return Config(
+        listen=top.listen,
+        auth=top.auth,
+        spool=top.spool,
+        delivery=top.delivery,
+        providers=accounts,
+        routes=tuple(routes),
+        logging=top.logging,
+        health=top.health,
+        base_dir=base_dir or Path(),
+    )
+
+
+def _accounts(
+    raw: dict[str, Any], problems: list[tuple[KeyPath, str]]
+) -> dict[str, ProviderAccount]:
+    """Validate every provider block with its own adapter's settings model."""
     accounts: dict[str, ProviderAccount] = {}
-    for name, block in top.providers.items():
-        path: KeyPath = ("providers", name)
+    for name, block in raw.items():
+        path: KeyPath = ("providers", str(name))
         if not isinstance(block, dict):
             problems.append((path, "must be a mapping with a type key"))
             continue
@@ -494,47 +545,21 @@ def load_config(text: str, env: Mapping[str, str], *, base_dir: Path | None = No
         except ValidationError as exc:
             problems.extend(_problems_from(exc, path))
             continue
-        accounts[name] = ProviderAccount(
-            name=name, type=type_name, settings=settings, limits=limits
+        accounts[str(name)] = ProviderAccount(
+            name=str(name), type=type_name, settings=settings, limits=limits
         )
+    return accounts
 
-    if not top.listen.is_loopback() and not top.listen.allow_networks and not top.auth.users:
-        problems.append(
-            (
-                ("listen", "host"),
-                "a non-loopback listener needs auth.users or listen.allow_networks "
-                "(it would be an open relay)",
-            )
-        )
-    for i, user in enumerate(top.auth.users):
-        if [u.username for u in top.auth.users].index(user.username) != i:
-            problems.append((("auth", "users", i, "username"), "duplicate username"))
 
-    for i, route in enumerate(top.routes):
-        if route.provider not in top.providers:
-            problems.append(
-                (("routes", i, "provider"), f"no provider account named {route.provider!r}")
-            )
-        for j, other in enumerate(route.failover):
-            at: KeyPath = ("routes", i, "failover", j)
-            if other not in top.providers:
-                problems.append((at, f"no provider account named {other!r}"))
-            elif other == route.provider or route.failover.index(other) != j:
-                problems.append((at, f"{other!r} is already in the chain"))
-
-    if problems:
-        raise ConfigError(_first_per_path(problems))
-    return Config(
-        listen=top.listen,
-        auth=top.auth,
-        spool=top.spool,
-        delivery=top.delivery,
-        providers=accounts,
-        routes=tuple(top.routes),
-        logging=top.logging,
-        health=top.health,
-        base_dir=base_dir or Path(),
-    )
+def _valid_routes(raw: object) -> list[Route]:
+    """The routes that validate on their own (their own problems are already reported)."""
+    out: list[Route] = []
+    for item in raw if isinstance(raw, list) else []:
+        try:
+            out.append(Route.model_validate(item))
+        except ValidationError:
+            continue
+    return out
 
 
 def load_config_file(path: Path, env: Mapping[str, str]) -> Config:

@@ -4,7 +4,10 @@ Theory of operation
 -------------------
 Rule 1. The worker records ``attempts += 1`` *before* it sends (spool.begin_attempt), so a
         message that crashes the process still moves towards dead-letter.
-Rule 2. A definite answer decides: Delivered → Ack; Permanent → DeadLetter.
+Rule 2. A definite answer decides: Delivered → Ack; Permanent → DeadLetter. Except an
+        HTTP 401: the API refused *our* credentials, which says nothing about the message,
+        so it is retried like any of our own faults (the mail waits while the operator
+        fixes the key, instead of bouncing everything sent meanwhile).
 Rule 3. A Retryable outcome waits ``uniform(0, min(max_delay, first_delay · 2^(n-1)))``
         ("full jitter", AWS Architecture Blog 2015), but never less than ``first_delay/2``
         so a burst of failures cannot turn into a hot loop; a provider's own Retry-After
@@ -22,7 +25,7 @@ import random
 from dataclasses import dataclass
 
 from bridge.config import RetryConfig
-from bridge.model import Delivered, Outcome, Permanent
+from bridge.model import Delivered, Outcome, Permanent, Retryable
 
 __all__ = ["Ack", "DeadLetter", "Decision", "RetryAt", "backoff", "decide"]
 
@@ -81,7 +84,9 @@ def decide(
     if isinstance(outcome, Delivered):
         return Ack()
     if isinstance(outcome, Permanent):
-        return DeadLetter(reason=outcome.reason)
+        if outcome.status != 401:
+            return DeadLetter(reason=outcome.reason)
+        outcome = Retryable(reason=f"{outcome.reason} (credentials refused)", status=401)
     deadline = accepted_at + policy.max_age
     if policy.max_attempts is not None and attempt >= policy.max_attempts:
         return DeadLetter(reason=f"gave up after {attempt} attempts: {outcome.reason}")

@@ -136,6 +136,9 @@ def test_every_problem_is_reported_at_once() -> None:
         "listen.hots",
         "delivery.timeout",
         "delivery.retry",
+        "providers.hook.url",
+        "providers.other.type",
+        "routes.0.provider",
     } == set(found)
     assert "unknown key" == found["listen.hots"]
     assert "expected a duration such as 10s, 5m or 7d" == found["delivery.timeout"]

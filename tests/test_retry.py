@@ -85,3 +85,10 @@ def test_max_attempts(attempt: int, dead: bool) -> None:
     decision = run(Retryable(reason="x"), attempt=attempt, policy=policy)
 
     assert dead == isinstance(decision, DeadLetter)
+
+
+def test_401_is_retried_not_bounced() -> None:
+    """A refused API key is our fault, not the message's: retried, never dead at once."""
+    decision = run(Permanent(reason="HTTP 401: bad key", status=401))
+
+    assert isinstance(decision, RetryAt)
