@@ -26,7 +26,7 @@ from bridge.dsn import build_dsn
 from bridge.mime import parse_message
 from bridge.model import Delivered, Envelope, Outcome, Permanent, Retryable
 from bridge.pacing import Circuit, TokenBucket, choose_provider
-from bridge.providers.base import Provider, ProviderSettings
+from bridge.providers.base import Flow, Provider, ProviderSettings
 from bridge.retry import Ack, DeadLetter, RetryAt, decide
 from bridge.spool import Claim, NewEntry, Spool, State
 
@@ -81,31 +81,42 @@ def build_clients(
     return out
 
 
+def _step(flow: Flow, response: httpx.Response | None) -> tuple[bool, Any]:
+    """Advance a flow by one step: (True, next request) or (False, outcome).
+
+    Runs in a worker thread (see `send_flow`); StopIteration is caught here because it
+    cannot travel through an asyncio future.
+    """
+    try:
+        request = next(flow) if response is None else flow.send(response)
+    except StopIteration as stop:
+        return False, stop.value
+    return True, request
+
+
 async def send_flow(
     provider: Provider[ProviderSettings],
     message: Any,
     client: httpx.AsyncClient,
     now: float,
 ) -> Outcome:
-    """Drive a provider's request/response flow over `client`; transport errors → Retryable."""
+    """Drive a provider's request/response flow over `client`; transport errors → Retryable.
+
+    The adapter's own steps (building JSON or re-encoding MIME, which takes seconds for
+    a 30 MB message) run in a worker thread, so they never stall the SMTP sessions that
+    share the event loop.
+    """
     flow = provider.flow(message, now)
     try:
-        try:
-            request = next(flow)
-        except StopIteration as stop:
-            # The adapter decided without a round trip (e.g. nothing it could send).
-            decided: Outcome = stop.value
-            return decided
-        while True:
+        more, value = await asyncio.to_thread(_step, flow, None)
+        while more:
             try:
-                response = await client.send(request)
+                response = await client.send(value)
             except httpx.HTTPError as exc:
                 return _transport_outcome(exc)
-            try:
-                request = flow.send(response)
-            except StopIteration as stop:
-                result: Outcome = stop.value
-                return result
+            more, value = await asyncio.to_thread(_step, flow, response)
+        outcome: Outcome = value
+        return outcome
     finally:
         flow.close()
 
@@ -278,7 +289,9 @@ class DeliveryWorker:
                 outcome: Outcome = Retryable(reason=f"provider account {name!r} is not configured")
             else:
                 try:
-                    message = parse_message(
+                    # Parsing a large message is CPU work: keep it off the event loop.
+                    message = await asyncio.to_thread(
+                        parse_message,
                         claim.raw,
                         entry.envelope,
                         id=entry.id,
