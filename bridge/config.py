@@ -207,7 +207,7 @@ class SpoolConfig(_Section):
     #: Most undelivered entries the spool holds; beyond it new mail gets 452 (try later).
     max_entries: int = Field(default=100_000, gt=0)
     #: Free disk space kept back for bookkeeping and WAL checkpoints (see spool.py).
-    min_free_space: Size = 1024 * 1024
+    min_free_space: Size = 512 * 1024
 
 
 class RetryConfig(_Section):
