@@ -38,6 +38,9 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --seconds 300 --kills 20 --clients 8
+
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
 
