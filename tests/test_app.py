@@ -166,3 +166,74 @@ async def test_outage_then_recovery_delivers_everything_once(
     assert ["outage 0", "outage 1", "outage 2"] == sorted(d["subject"] for d in docs)
     assert 3 == await delivered_count(bridge, 3)
     assert 3 == len(inbox.messages)
+
+
+async def test_failover_to_backup_account_over_real_https(
+    live: Callable[..., Any], make_config: Callable[..., Config]
+) -> None:
+    """With the primary API answering 503, the backup account delivers after failover_after."""
+    receiver, start = live()
+    primary, primary_inbox = await receiver("primary", status=503)
+    backup, backup_inbox = await receiver("backup")
+    config = make_config(
+        providers={
+            "primary": {"type": "webhook", "url": f"{primary.url}/m",
+                        "ca_file": str(primary.cert_paths.ca_cert)},
+            "backup": {"type": "webhook", "url": f"{backup.url}/m",
+                       "ca_file": str(backup.cert_paths.ca_cert)},
+        },
+        routes=[{"provider": "primary", "failover": ["backup"], "failover_after": 2}],
+        delivery={"retry": {"first_delay": "50ms", "max_delay": "100ms"}},
+    )  # fmt: skip
+    bridge = await start(config)
+
+    await aiosmtplib.send(
+        b"Subject: failover\r\n\r\nx\r\n", sender="a@example.com", recipients=["b@example.org"],
+        hostname="127.0.0.1", port=bridge.smtp_port,
+    )  # fmt: skip
+    (doc,) = await backup_inbox.wait_for(1)
+
+    assert 1 == await delivered_count(bridge, 1)
+    assert "failover" == doc["subject"]
+    assert [] == primary_inbox.messages
+    log = await bridge.spool.attempts(doc["id"])
+    assert [("primary", "retry"), ("primary", "retry"), ("backup", "delivered")] == [
+        (a.provider, a.outcome) for a in log
+    ]
+
+
+async def test_account_rate_limit_over_real_https(
+    live: Callable[..., Any], make_config: Callable[..., Config]
+) -> None:
+    """requests_per_second 4 spreads 8 messages over about a second at the receiver."""
+    import time
+
+    receiver, start = live()
+    rec, inbox = await receiver()
+    arrivals: list[float] = []
+    original = inbox.__call__
+
+    def stamp(message: ReceivedMessage) -> None:
+        arrivals.append(time.monotonic())
+        original(message)
+
+    rec.on_message = stamp
+    config = make_config(
+        providers={
+            "hook": {"type": "webhook", "url": f"{rec.url}/m",
+                     "ca_file": str(rec.cert_paths.ca_cert),
+                     "limits": {"requests_per_second": 4}},
+        },
+    )  # fmt: skip
+    bridge = await start(config)
+    bridge.worker_task.cancel()  # queue everything first, then deliver in one burst
+    for i in range(8):
+        await aiosmtplib.send(
+            f"Subject: r{i}\r\n\r\nx\r\n".encode(), sender="a@example.com",
+            recipients=["b@example.org"], hostname="127.0.0.1", port=bridge.smtp_port,
+        )  # fmt: skip
+
+    await bridge.worker.run_once()
+
+    assert 8 == len(arrivals)
+    assert 0.8 <= max(arrivals) - min(arrivals) < 3.0
