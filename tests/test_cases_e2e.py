@@ -136,7 +136,8 @@ async def delivered_once(bridge: Bridge, received: list[ReceivedMessage], raw: b
     assert envelope.mail_from == entry.envelope.mail_from
     assert envelope.rcpt_to == entry.envelope.rcpt_to
     assert expected == doc
-    return doc
+    result: dict[str, Any] = doc
+    return result
 
 
 def final_codes(replies: list[tuple[bytes, int]]) -> list[int]:
