@@ -555,7 +555,10 @@ class BridgeHandler:
             self._log("tempfail", envelope, len(raw), started, reply=exc.smtp_reply, peer=peer)
             return exc.smtp_reply
         self.on_queued()
-        self._log("queued", envelope, len(raw), started, reply="250", peer=peer, spool_ids=ids)
+        self._log(
+            "queued", envelope, len(raw), started, reply="250", peer=peer, spool_ids=ids,
+            message_id=_message_id(raw),
+        )  # fmt: skip
         return Reply.QUEUED.format(id=ids[0])
 
     async def handle_exception(self, error: Exception) -> str:
