@@ -237,3 +237,55 @@ async def test_account_rate_limit_over_real_https(
 
     assert 8 == len(arrivals)
     assert 0.8 <= max(arrivals) - min(arrivals) < 3.0
+
+
+async def test_hanging_api_times_out_and_does_not_exhaust_the_pool(
+    make_config: Callable[..., Config],
+) -> None:
+    """An API that accepts connections and never answers: each attempt times out and is
+    retried, the worker finishes its burst, and SMTP keeps accepting meanwhile."""
+    import time
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # never answer, never close
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = make_config(
+        url=f"https://127.0.0.1:{port}/m",
+        delivery={
+            "timeout": "300ms",
+            "concurrency": 2,
+            "retry": {"first_delay": "30s", "max_delay": "60s"},
+        },
+    )
+    bridge = await Bridge.start(config, smtp_port=0, run_worker=False)
+    try:
+        for i in range(6):
+            await aiosmtplib.send(
+                f"Subject: hang {i}\r\n\r\nx\r\n".encode(), sender="a@example.com",
+                recipients=["b@example.org"], hostname="127.0.0.1", port=bridge.smtp_port,
+            )  # fmt: skip
+        t0 = time.monotonic()
+        attempts = await bridge.worker.run_once()
+        took = time.monotonic() - t0
+        entries = await bridge.spool.list()
+        t1 = time.monotonic()
+        await aiosmtplib.send(
+            b"Subject: still open\r\n\r\nx\r\n", sender="a@example.com",
+            recipients=["b@example.org"], hostname="127.0.0.1", port=bridge.smtp_port,
+        )  # fmt: skip
+        accept_time = time.monotonic() - t1
+    finally:
+        await bridge.stop()
+        for w in held:
+            w.close()
+        server.close()
+
+    assert 6 == attempts
+    assert took < 3 * 0.3 + 2.0
+    assert {"deferred"} == {e.state.value for e in entries}
+    assert all("timed out" in (e.last_error or "") for e in entries)
+    assert accept_time < 1.0
