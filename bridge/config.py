@@ -35,7 +35,7 @@ from pydantic import (
 from bridge import providers
 from bridge.errors import ConfigError, KeyPath
 from bridge.passwords import is_hash
-from bridge.providers.base import ProviderSettings
+from bridge.providers.base import ProviderSettings, is_loopback_host
 
 __all__ = [
     "AccountLimits",
@@ -163,12 +163,7 @@ class ListenConfig(_Section):
 
     def is_loopback(self) -> bool:
         """True when the listener binds only a loopback address."""
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self.host)
 
 
 class AuthUser(_Section):

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import builtins
 import email.utils
+import ipaddress
 from abc import ABC, abstractmethod
 from collections.abc import Generator
 from typing import Any, ClassVar, Generic, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bridge.model import Delivered, Message, Outcome, Permanent, Retryable
 
@@ -27,11 +29,45 @@ __all__ = [
     "Flow",
     "Provider",
     "ProviderSettings",
+    "check_endpoint",
     "classify_status",
+    "is_loopback_host",
     "parse_retry_after",
 ]
 
 Flow = Generator[httpx.Request, httpx.Response, Outcome]
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_endpoint(value: str, *, allow_query: bool = False) -> str:
+    """An API or OAuth endpoint URL: https, or plain http to a loopback host only.
+
+    Keys and tokens travel in headers, so plain http to anywhere else would put them on
+    the wire. `allow_query` admits a query (URLs a provider hands out, webhook URLs).
+
+    Returns:
+        The URL without a trailing slash.
+
+    Raises:
+        ValueError: anything else.
+    """
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError("must be an absolute https:// URL")
+    if (parts.query and not allow_query) or parts.fragment:
+        raise ValueError("must not have a query or fragment")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ValueError("plain http:// is only allowed to a loopback address")
+    return value.rstrip("/")
 
 
 class ProviderSettings(BaseModel):
@@ -47,6 +83,12 @@ class ProviderSettings(BaseModel):
     ca_file: str | None = None
     max_message_size: int | None = Field(default=None, gt=0)
     max_recipients: int | None = Field(default=None, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        # Scheme, host and optional port: the adapter appends the API's own paths.
+        return None if value is None else check_endpoint(value)
 
 
 S = TypeVar("S", bound=ProviderSettings)

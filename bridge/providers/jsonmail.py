@@ -27,17 +27,14 @@ from __future__ import annotations
 
 import base64
 import email.utils
-import ipaddress
 import json
 import re
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import httpx
-from pydantic import field_validator
 
 from bridge.model import Address, Attachment, Delivered, Message, Outcome, Permanent, Retryable
 from bridge.providers.base import Flow, Provider, ProviderSettings, body_excerpt, parse_retry_after
@@ -93,29 +90,6 @@ class ApiSettings(ProviderSettings):
     sink can stand in for the production host. Plain ``http://`` is accepted only for a
     loopback host: the API key travels in a request header.
     """
-
-    @field_validator("base_url")
-    @classmethod
-    def _https_unless_loopback(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("https", "http") or not parts.hostname:
-            raise ValueError("must be an absolute https:// URL")
-        if parts.query or parts.fragment:
-            raise ValueError("must not have a query or fragment (credentials go in headers)")
-        if parts.scheme == "http" and not _is_loopback(parts.hostname):
-            raise ValueError("plain http:// is only allowed to a loopback address")
-        return value.rstrip("/")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # --- addresses and recipients ----------------------------------------------------------

@@ -39,18 +39,17 @@ cached one.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import httpx
 
 from bridge.model import Permanent, Retryable
-from bridge.providers.base import body_excerpt, parse_retry_after
+from bridge.providers.base import body_excerpt, check_endpoint, parse_retry_after
 from bridge.providers.jsonmail import json_document
 
 __all__ = [
@@ -246,30 +245,3 @@ class OAuthClient:
 def bearer(token: str) -> dict[str, str]:
     """The Authorization header for `token`."""
     return {"Authorization": f"Bearer {token}"}
-
-
-def check_endpoint(value: str, *, allow_query: bool = False) -> str:
-    """An OAuth or API endpoint URL: https, or plain http to a loopback host only.
-
-    `allow_query` admits a query, for URLs a provider hands out (Graph's upload URLs).
-
-    Raises:
-        ValueError: anything else (a token or secret would travel in clear text).
-    """
-    parts = urlsplit(value)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ValueError("must be an absolute https:// URL")
-    if (parts.query and not allow_query) or parts.fragment:
-        raise ValueError("must not have a query or fragment")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
-        raise ValueError("plain http:// is only allowed to a loopback address")
-    return value.rstrip("/")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

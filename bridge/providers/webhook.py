@@ -10,17 +10,15 @@ every other status is permanent.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from typing import ClassVar
-from urllib.parse import urlsplit
 
 import httpx
 from pydantic import Field, field_validator
 
 from bridge.model import Message, Outcome
 from bridge.payload import message_v1
-from bridge.providers.base import Provider, ProviderSettings, classify_status
+from bridge.providers.base import Provider, ProviderSettings, check_endpoint, classify_status
 
 __all__ = ["WebhookProvider", "WebhookSettings"]
 
@@ -35,22 +33,8 @@ class WebhookSettings(ProviderSettings):
     @field_validator("url")
     @classmethod
     def _https_unless_loopback(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("https", "http") or not parts.hostname:
-            raise ValueError("must be an absolute https:// URL")
-        if parts.scheme == "http" and not _is_loopback(parts.hostname):
-            # Plain HTTP would put message bodies and bearer tokens on the wire.
-            raise ValueError("plain http:// is only allowed to a loopback address")
-        return value
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        check_endpoint(value, allow_query=True)
+        return value  # kept exactly: the path (and a trailing slash) is the receiver's
 
 
 class WebhookProvider(Provider[WebhookSettings]):
