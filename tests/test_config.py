@@ -202,3 +202,20 @@ def test_parse_duration_rejects(bad: object) -> None:
     """Nonsense durations are errors, not zero."""
     with pytest.raises(ValueError, match="duration"):
         parse_duration(bad)
+
+
+@pytest.mark.parametrize("kind", ["mailgun", "sparkpost", "ses", "sendgrid", "graph"])
+def test_plain_http_base_url_to_a_remote_host_is_refused_for_every_provider(kind: str) -> None:
+    """Keys travel in headers: base_url may be http:// only to loopback, for every API."""
+    text = dedent(
+        f"""
+        providers:
+          p: {{type: {kind}, base_url: "http://api.example.net"}}
+        routes:
+          - provider: p
+        """
+    )
+
+    assert "plain http:// is only allowed to a loopback address" == problems(text)[
+        "providers.p.base_url"
+    ]
