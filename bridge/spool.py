@@ -293,6 +293,7 @@ class Spool:
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._page_size = 4096
+        self._batch_pending: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -428,6 +429,7 @@ class Spool:
     def _try_writes(
         self, conn: sqlite3.Connection, jobs: list[_Job]
     ) -> tuple[list[tuple[_Job, bool, Any]], tuple[_Job, bool, Any] | None]:
+        self._batch_pending = None
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -479,6 +481,20 @@ class Spool:
 
     # ------------------------------------------------------------------ space
 
+    def _pending_in_batch(self, conn: sqlite3.Connection) -> int:
+        """Pending entries, counted once per write batch (COUNT(*) grows with the queue).
+
+        Within one transaction only puts add pending entries, and each put updates the
+        cached value; the cache dies with the batch, so a rollback cannot skew it.
+        """
+        if self._batch_pending is None:
+            self._batch_pending = int(
+                conn.execute(
+                    "SELECT COUNT(*) FROM entries WHERE state IN (?, ?, ?)", PENDING
+                ).fetchone()[0]
+            )
+        return self._batch_pending
+
     def _free_bytes(self, conn: sqlite3.Connection) -> int:
         st = os.statvfs(self.path.parent)
         free_pages = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
@@ -516,9 +532,7 @@ class Spool:
         body_id = ids[0] if ids else new_id(now, os.urandom(10))
 
         def job(conn: sqlite3.Connection) -> list[str]:
-            pending = conn.execute(
-                "SELECT COUNT(*) FROM entries WHERE state IN (?, ?, ?)", PENDING
-            ).fetchone()[0]
+            pending = self._pending_in_batch(conn)
             if pending + len(entries) > self.max_entries:
                 raise SpoolFull(f"spool holds {pending} pending entries (max {self.max_entries})")
             free = self._free_bytes(conn)
@@ -526,6 +540,7 @@ class Spool:
             if free < needed:
                 raise SpoolFull(f"free space {free} B is below the reserve {needed} B")
             self._insert(conn, body_id, ids, raw, entries, now, message_id)
+            self._batch_pending = pending + len(entries)
             return ids
 
         return await self._submit(job)
