@@ -83,15 +83,8 @@ class BrevoProvider(JsonMailProvider[BrevoSettings]):
             shared["replyTo"] = who(message.reply_to[0])
             if len(message.reply_to) > 1:
                 notes.append("Reply-To addresses after the first (the API takes one)")
-        if message.subject:
-            shared["subject"] = message.subject
-        else:
-            shared["subject"] = jsonmail.EMPTY_SUBJECT
-            notes.append("empty subject sent as a single space (the API requires one)")
-        text, html = jsonmail.body_parts(message)
-        if text is None and html is None:
-            text = jsonmail.EMPTY_BODY_TEXT
-            notes.append("no text or HTML body: a single space is sent as text")
+        shared["subject"] = jsonmail.required_subject(message, notes)
+        text, html = jsonmail.required_bodies(message, notes)
         if html is not None:
             shared["htmlContent"] = html
         if text is not None:

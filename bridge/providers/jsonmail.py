@@ -65,6 +65,8 @@ __all__ = [
     "rate_limit_delay",
     "reason",
     "require_sender",
+    "required_bodies",
+    "required_subject",
     "sender_of",
     "split_recipients",
 ]
@@ -217,6 +219,23 @@ def sender_of(message: Message) -> Address | None:
 def body_parts(message: Message) -> tuple[str | None, str | None]:
     """``(text, html)``; an empty part counts as absent (the APIs reject empty strings)."""
     return message.text or None, message.html or None
+
+
+def required_bodies(message: Message, notes: list[str]) -> tuple[str | None, str | None]:
+    """`body_parts`, with a single-space text when there is neither (APIs demand one)."""
+    text, html = body_parts(message)
+    if text is None and html is None:
+        notes.append("no text or HTML body: a single space is sent as text")
+        return EMPTY_BODY_TEXT, None
+    return text, html
+
+
+def required_subject(message: Message, notes: list[str]) -> str:
+    """The subject, or a single space for the APIs that demand one (noted)."""
+    if message.subject:
+        return message.subject
+    notes.append("empty subject sent as a single space (the API requires one)")
+    return EMPTY_SUBJECT
 
 
 @dataclass(frozen=True, slots=True)

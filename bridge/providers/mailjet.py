@@ -99,10 +99,7 @@ class MailjetProvider(JsonMailProvider[MailjetSettings]):
             shared["Subject"] = message.subject[:MAX_SUBJECT]
             if len(message.subject) > MAX_SUBJECT:
                 notes.append(f"subject cut to {MAX_SUBJECT} characters")
-        text, html = jsonmail.body_parts(message)
-        if text is None and html is None:
-            text = jsonmail.EMPTY_BODY_TEXT
-            notes.append("no text or HTML body: a single space is sent as text")
+        text, html = jsonmail.required_bodies(message, notes)
         if text is not None:
             shared["TextPart"] = text
         if html is not None:

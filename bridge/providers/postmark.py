@@ -66,10 +66,7 @@ class PostmarkProvider(JsonMailProvider[PostmarkSettings]):
         shared: dict[str, Any] = {"From": format_address(sender)}
         if message.subject:
             shared["Subject"] = message.subject
-        text, html = jsonmail.body_parts(message)
-        if text is None and html is None:
-            text = jsonmail.EMPTY_BODY_TEXT
-            notes.append("no text or HTML body: a single space is sent as text")
+        text, html = jsonmail.required_bodies(message, notes)
         if text is not None:
             shared["TextBody"] = text
         if html is not None:

@@ -57,17 +57,10 @@ class ResendProvider(JsonMailProvider[ResendSettings]):
         recipients, _ = jsonmail.split_recipients(message)
 
         shared: dict[str, Any] = {}
-        if message.subject:
-            shared["subject"] = message.subject
-        else:
-            shared["subject"] = jsonmail.EMPTY_SUBJECT
-            notes.append("empty subject sent as a single space (the API requires one)")
+        shared["subject"] = jsonmail.required_subject(message, notes)
         if message.reply_to:
             shared["reply_to"] = [format_address(a) for a in message.reply_to]
-        text, html = jsonmail.body_parts(message)
-        if text is None and html is None:
-            text = jsonmail.EMPTY_BODY_TEXT
-            notes.append("no text or HTML body: a single space is sent as text")
+        text, html = jsonmail.required_bodies(message, notes)
         if html is not None:
             shared["html"] = html
         if text is not None:

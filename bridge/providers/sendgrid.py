@@ -114,17 +114,10 @@ class SendGridProvider(JsonMailProvider[SendGridSettings]):
             doc["reply_to_list"] = list(
                 {a.email.lower(): _plain(a) for a in message.reply_to}.values()
             )
-        if message.subject:
-            doc["subject"] = message.subject
-        else:
-            doc["subject"] = jsonmail.EMPTY_SUBJECT
-            notes.append("empty subject sent as a single space (the API requires one)")
+        doc["subject"] = jsonmail.required_subject(message, notes)
 
-        text, html = jsonmail.body_parts(message)
+        text, html = jsonmail.required_bodies(message, notes)
         content = []
-        if text is None and html is None:
-            text = jsonmail.EMPTY_BODY_TEXT
-            notes.append("no text or HTML body: a single space is sent as text")
         # Mail Send rule: text/plain must come before text/html.
         if text is not None:
             content.append({"type": "text/plain", "value": text})
