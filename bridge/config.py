@@ -8,9 +8,10 @@ Two expansions happen before validation, so they work in every section:
 
 * ``${VAR}`` (and ``${VAR:-default}``) in any string value is replaced from `env`; an
   unset variable without a default is a problem at that key path. ``$$`` is a literal ``$``.
-* A key ``NAME_file`` whose model has a field ``NAME`` (and no field ``NAME_file``) is
-  read from that file at load time, trailing newline stripped: ``api_key_file:
-  /run/credentials/smtp-bridge/sendgrid``. Paths such as ``ca_file`` stay paths.
+* In a provider block, a key ``NAME_file`` whose settings model has a field ``NAME`` (and
+  no field ``NAME_file``) is read from that file at load time, trailing newline stripped:
+  ``api_key_file: /run/credentials/smtp-bridge/sendgrid``. Paths such as ``ca_file`` stay
+  paths.
 """
 
 from __future__ import annotations
@@ -251,6 +252,9 @@ class Route(_Section):
     failover_after: int = Field(default=3, gt=0)
     #: Send a delivery status notification to the sender when an entry goes dead.
     bounces: bool = True
+    #: From address of those bounces; default `default_sender`, else
+    #: MAILER-DAEMON@listen.hostname (APIs that need a verified sender want this set).
+    bounce_from: str | None = None
     #: `from` for mail that has no From header and a null envelope sender.
     default_sender: str | None = None
 

@@ -181,13 +181,19 @@ class DeliveryWorker:
 
     async def run_forever(self) -> None:
         """Deliver until `stop()`; sleeps until the next due time or a wake-up."""
-        last_purge = 0.0
+        last_purge = last_gauge = 0.0
         while not self._stopping:
             now = self.clock()
             if now - last_purge > 3600:
                 last_purge = now
                 with contextlib.suppress(Exception):
                     await self.spool.purge(now)
+            if now - last_gauge > 15:
+                last_gauge = now
+                with contextlib.suppress(Exception):
+                    stats = await self.spool.stats()
+                    for state, count in stats.counts.items():
+                        health.QUEUE_ENTRIES.labels(state=state).set(count)
             free = self.concurrency - len(self._inflight)
             claims = await self.spool.claim_due(now, free) if free > 0 else []
             for claim in claims:
@@ -392,6 +398,9 @@ class DeliveryWorker:
         route = self.config.routes[entry.route] if entry.route < len(self.config.routes) else None
         if route is None or not route.bounces or entry.envelope.mail_from == "":
             return None
+        if entry.bounce_id is not None:
+            # Requeued by an operator and dead again: the sender was told once already.
+            return None
         now = datetime.fromtimestamp(self.clock(), UTC)
         hostname = self.config.listen.hostname
         dsn = build_dsn(
@@ -404,6 +413,7 @@ class DeliveryWorker:
             arrival=datetime.fromtimestamp(entry.created_at, UTC),
             now=now,
             message_id=f"<dsn.{entry.id}@{hostname}>",
+            postmaster=route.bounce_from or route.default_sender or "",
         )
         if dsn is None:
             return None

@@ -216,6 +216,7 @@ def test_plain_http_base_url_to_a_remote_host_is_refused_for_every_provider(kind
         """
     )
 
-    assert "plain http:// is only allowed to a loopback address" == problems(text)[
-        "providers.p.base_url"
-    ]
+    assert (
+        "plain http:// is only allowed to a loopback address"
+        == problems(text)["providers.p.base_url"]
+    )

@@ -432,3 +432,27 @@ async def test_route_with_bounces_off_queues_no_dsn(
     entry = await spool.get(eid)
     assert entry is not None
     assert (State.DEAD, None) == (entry.state, entry.bounce_id)
+
+
+async def test_bounce_from_and_no_second_bounce_after_requeue(
+    spool: Spool, make_config: Callable[..., Config], clock: Clock
+) -> None:
+    """The DSN comes from routes[].bounce_from; a requeued entry that dies again stays quiet."""
+    config = make_config(routes=[{"provider": "hook", "bounce_from": "postmaster@example.com"}])
+    api = Api(httpx.Response(400))
+    client = httpx.AsyncClient(transport=httpx.MockTransport(api))
+    worker = DeliveryWorker(config, spool, build_accounts(config), {"hook": client}, clock=clock)
+    eid = await queue(spool)
+
+    await worker.run_once()
+    first = await spool.get(eid)
+    assert first is not None
+    assert await spool.retry_now(eid)
+    await worker.run_once()
+
+    again = await spool.get(eid)
+    bounces = [json.loads(r.content) for r in api.requests if json.loads(r.content)["id"] != eid]
+    assert again is not None
+    assert first.bounce_id == again.bounce_id
+    assert 1 == len(bounces)
+    assert "postmaster@example.com" == bounces[0]["from"]["email"]

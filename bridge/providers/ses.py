@@ -80,6 +80,16 @@ RETRYABLE_CODES = frozenset(
         "RequestExpired",
         "ExpiredToken",
         "ExpiredTokenException",
+        # Our credentials or signature were refused: the bridge's configuration is at
+        # fault, not the message. Mail waits while the operator fixes the keys instead
+        # of bouncing (the same rule as an HTTP 401 in bridge/retry.py).
+        "InvalidSignatureException",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+        "MissingAuthenticationToken",
+        "AccessDeniedException",
     }
 )
 #: Error codes that no retry can fix (alert on the account ones).
@@ -91,13 +101,6 @@ PERMANENT_CODES = frozenset(
         "SendingPausedException",
         "NotFoundException",
         "BadRequestException",
-        "AccessDeniedException",
-        "InvalidSignatureException",
-        "SignatureDoesNotMatch",
-        "IncompleteSignature",
-        "InvalidClientTokenId",
-        "UnrecognizedClientException",
-        "MissingAuthenticationToken",
     }
 )
 

@@ -266,6 +266,26 @@ def test_200_is_delivered_with_the_message_id() -> None:
 
 
 @pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (403, "InvalidSignatureException"),
+        (403, "SignatureDoesNotMatch"),
+        (403, "UnrecognizedClientException"),
+        (403, "InvalidClientTokenId"),
+        (403, "AccessDeniedException"),
+    ],
+)
+def test_refused_credentials_are_retryable(status: int, code: str) -> None:
+    """Refused keys or signatures are our configuration's fault: the mail waits, no bounce."""
+    answer = response(
+        status, {"message": "The security token included in the request is invalid."},
+        **{"x-amzn-ErrorType": f"{code}:http://internal.amazon.com/coral/com.amazonaws.sesv2/"},
+    )  # fmt: skip
+
+    assert isinstance(provider().interpret_response(answer), Retryable)
+
+
+@pytest.mark.parametrize(
     ("status", "code", "message"),
     [
         (400, "MessageRejected", "Email address is not verified."),
@@ -274,12 +294,11 @@ def test_200_is_delivered_with_the_message_id() -> None:
         (400, "SendingPausedException", "Sending is paused for this account"),
         (404, "NotFoundException", "Configuration set <x> does not exist."),
         (400, "BadRequestException", "Missing final '@domain'"),
-        (403, "InvalidSignatureException", "The request signature we calculated does not match"),
         (400, "ValidationException", "1 validation error detected"),
     ],
 )
 def test_permanent_errors(status: int, code: str, message: str) -> None:
-    """Rejections, unverified identities, account states and auth failures are permanent."""
+    """Rejections, unverified identities and account states are permanent."""
     answer = response(
         status,
         {"message": message},
