@@ -68,6 +68,8 @@ class Reply:
     AUTH_ABORTED = "501 5.7.0 Authentication aborted"
     AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode base64"
     AUTH_BAD_PLAIN = "501 5.5.2 Cannot split PLAIN credentials"
+    AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication exchange line is too long"
+    UNKNOWN_COMMAND = "500 5.5.2 Command not recognized"
 
 
 # Parameters RFC 5321 clients send on MAIL/RCPT that we accept. We advertise SIZE,
@@ -109,6 +111,11 @@ class BridgeSMTP(SMTP):
       message is read to its end and answered with exactly one 552.
     * The AUTH LOGIN challenges are ``Username:`` / ``Password:`` (draft-murchison-sasl-
       login), which Xerox MFPs, Go's net/smtp and curl require.
+    * An unknown command gets a fixed reply: aiosmtpd echoes the command word, control
+      characters included, which lets a scanner put a bare CR into our reply stream.
+    * An AUTH response longer than a line gets one ``500 5.5.6`` (RFC 4954 §4); aiosmtpd's
+      ``readline`` raises there (answered as an internal error) and then reads the rest of
+      the line as a command.
     """
 
     AuthLoginUsernameChallenge = "Username:"
@@ -141,9 +148,12 @@ class BridgeSMTP(SMTP):
         super().connection_lost(error)
 
     async def push(self, status: AnyStr) -> None:
-        await super().push(status)
-        code = status[:1] if isinstance(status, str) else status[:1].decode("ascii", "replace")
-        if code != "5":
+        if isinstance(status, str) and status.startswith('500 Error: command "'):
+            # The only reply aiosmtpd builds from client bytes (see the class docstring).
+            await super().push(Reply.UNKNOWN_COMMAND)
+        else:
+            await super().push(status)
+        if status[:1] not in ("5", b"5"):
             return
         self._errors = getattr(self, "_errors", 0) + 1
         handler: BridgeHandler = self.event_handler
@@ -160,7 +170,10 @@ class BridgeSMTP(SMTP):
         """Like aiosmtpd's, but tolerant of unpadded base64 (some embedded clients)."""
         raw = challenge.encode() if isinstance(challenge, str) else challenge
         await self.push(b"334 " + (base64.b64encode(raw) if encode_to_b64 else raw))
-        line = (await self._reader.readline()).strip()
+        line = await self._read_auth_line()
+        if line is None:
+            await self.push(Reply.AUTH_LINE_TOO_LONG)
+            return _MISSING
         if line == b"*":
             await self.push(Reply.AUTH_ABORTED)
             return _MISSING
@@ -169,6 +182,26 @@ class BridgeSMTP(SMTP):
             await self.push(Reply.AUTH_BAD_BASE64)
             return _MISSING
         return decoded
+
+    async def _read_auth_line(self) -> bytes | None:
+        """One client line of an AUTH exchange, stripped; None (line consumed) if too long."""
+        reader: asyncio.StreamReader = self._reader
+        try:
+            return (await reader.readuntil(b"\n")).strip()
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial.strip()  # the client hung up mid-line
+        except asyncio.LimitOverrunError as exc:
+            await reader.readexactly(exc.consumed)
+        # Discard the rest of the over-long line, however it arrives, so that none of it
+        # is taken as a command.
+        while True:
+            try:
+                await reader.readuntil(b"\n")
+                return None
+            except asyncio.IncompleteReadError:
+                return None
+            except asyncio.LimitOverrunError as exc:
+                await reader.readexactly(exc.consumed)
 
     async def auth_PLAIN(self, _: object, args: list[str]) -> AuthResult:
         if len(args) == 1:

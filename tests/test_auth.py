@@ -162,6 +162,30 @@ async def test_login_abort_with_star(
     assert 501 == aborted[0]
 
 
+@pytest.mark.parametrize("pieces", [1, 3], ids=["one-write", "three-writes"])
+async def test_over_long_auth_response_gets_one_500_and_nothing_is_read_as_a_command(
+    start_bridge: Callable[..., Any], make_config: Callable[..., Config], pieces: int
+) -> None:
+    """An AUTH response longer than the line limit is answered once with 500 5.5.6."""
+    bridge = await start_bridge(make_config(auth=users()))
+    wire = await opened(bridge)
+    await wire.cmd("EHLO c")
+    assert 334 == (await wire.cmd("AUTH LOGIN"))[0]
+    # The tail would be a command of its own if the line were cut at the stream limit.
+    line = b"A" * 1100 + b" NOOP" + b"B" * 900 + b"\r\n"
+    step = -(-len(line) // pieces)
+    for start in range(0, len(line), step):
+        await wire.send_raw(line[start : start + step])
+        await asyncio.sleep(0.01)
+
+    too_long = await wire.reply()
+    after = await wire.cmd("NOOP")
+    await wire.close()
+
+    assert (500, ["5.5.6 Authentication exchange line is too long"]) == too_long
+    assert (250, ["OK"]) == after
+
+
 async def test_user_may_not_send_as_others(
     start_bridge: Callable[..., Any], make_config: Callable[..., Config]
 ) -> None:

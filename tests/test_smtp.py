@@ -154,6 +154,16 @@ async def test_bad_mail_commands_get_precise_replies(wire: Wire, line: str, code
     assert 250 == (await wire.cmd("NOOP"))[0]
 
 
+async def test_unknown_command_is_not_echoed(wire: Wire) -> None:
+    """An unknown command gets a fixed 500 that repeats none of the client's bytes."""
+    await wire.send_raw(b"X\rINJECTED\x1b[31m\r\n")
+    raw = await wire.reader.readline()
+    noop = await wire.cmd("NOOP")
+
+    assert b"500 5.5.2 Command not recognized\r\n" == raw
+    assert 250 == noop[0]
+
+
 async def test_sequence_errors(wire: Wire) -> None:
     """RCPT before MAIL, DATA before RCPT and a nested MAIL are 503."""
     await wire.cmd("EHLO c")
