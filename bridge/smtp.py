@@ -209,7 +209,7 @@ class BridgeSMTP(SMTP):
             if not isinstance(blob, bytes):
                 return AuthResult(success=False, handled=True)
         else:
-            decoded = _b64decode(args[1].encode())
+            decoded = _b64decode(args[1].encode("utf-8", "surrogateescape"))
             if decoded is None:
                 await self.push(Reply.AUTH_BAD_BASE64)
                 return AuthResult(success=False, handled=True)
@@ -226,7 +226,7 @@ class BridgeSMTP(SMTP):
             if not isinstance(login, bytes):
                 return AuthResult(success=False, handled=True)
         else:
-            decoded = _b64decode(args[1].encode())
+            decoded = _b64decode(args[1].encode("utf-8", "surrogateescape"))
             if decoded is None:
                 await self.push(Reply.AUTH_BAD_BASE64)
                 return AuthResult(success=False, handled=True)

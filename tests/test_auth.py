@@ -186,6 +186,21 @@ async def test_over_long_auth_response_gets_one_500_and_nothing_is_read_as_a_com
     assert (250, ["OK"]) == after
 
 
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+async def test_non_utf8_initial_response_is_501_not_an_internal_error(
+    start_bridge: Callable[..., Any], make_config: Callable[..., Config], mechanism: str
+) -> None:
+    """An initial response with 8-bit bytes is bad base64 (501), not a 451 internal error."""
+    bridge = await start_bridge(make_config(auth=users()))
+    wire = await opened(bridge)
+    await wire.cmd("EHLO c")
+
+    reply = await wire.cmd(b"AUTH " + mechanism.encode() + b" \x80\xff")
+    await wire.close()
+
+    assert (501, ["5.5.2 Cannot decode base64"]) == reply
+
+
 async def test_user_may_not_send_as_others(
     start_bridge: Callable[..., Any], make_config: Callable[..., Config]
 ) -> None:
