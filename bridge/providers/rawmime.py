@@ -22,9 +22,13 @@ received, except for these changes, each of which some raw-MIME API requires:
    an existing base64 body is re-wrapped; an existing quoted-printable body gets soft
    line breaks. Long lines in a header are folded at whitespace (unfolding restores the
    value exactly); long lines in a multipart preamble or epilogue, which no reader
-   shows, are split. Case 08. With ``utf8=True`` the same re-encoding is applied to any
-   leaf whose body is not valid UTF-8, because SparkPost takes the message as a JSON
-   string (case 12: an 8bit windows-1252 body).
+   shows, are split. As a last resort, the long lines of a body that cannot be
+   re-encoded (an unknown transfer encoding such as x-uuencode, a multipart without a
+   boundary, nesting deeper than 64, message/partial) are cut at 998 octets: a changed
+   line break in already-broken mail beats a permanent refusal by the API. Case 08.
+   With ``utf8=True`` the same re-encoding is applied to any leaf whose body is not
+   valid UTF-8, because SparkPost takes the message as a JSON string (case 12: an 8bit
+   windows-1252 body).
 5. **Bcc.** Every top-level ``Bcc:`` field is removed: APIs with an envelope field
    (Mailgun ``to``, SES ``Destination``, SparkPost ``recipients``) would otherwise show
    the blind copies to everyone. APIs that read recipients from the headers (Gmail)
@@ -311,21 +315,23 @@ class _Fixer:
         ctype = view.get_content_type()
         if view.get_content_maintype() == "multipart":
             boundary = view.get_boundary()
-            if boundary and depth < _MAX_DEPTH:
+            # An empty boundary is invalid (RFC 2046 §5.1.1) but Python's parser, and so
+            # the part list we deliver from, still splits at "--" lines.
+            if boundary is not None and depth < _MAX_DEPTH:
                 delimiter = boundary.encode("utf-8", "surrogateescape")
                 return fields, sep, self.multipart(body, delimiter, depth)
-            return fields, sep, body
+            return fields, sep, _cut_long(body)
         cte = str(view.get("content-transfer-encoding", "")).strip().lower()
         if cte == "base64":
             return fields, sep, _rewrap_base64(body)
         if cte == "quoted-printable":
             return fields, sep, _soft_break_qp(body)
         if cte not in _IDENTITY_CTE:
-            return fields, sep, body  # x-uuencode and friends: we cannot decode it, so keep it
+            return fields, sep, _cut_long(body)  # x-uuencode and friends: cannot re-encode
         if ctype in _NEVER_ENCODED:
             if ctype != "message/partial" and depth < _MAX_DEPTH:
                 return fields, sep, self.part(body, depth + 1)
-            return fields, sep, body
+            return fields, sep, _cut_long(body)
         if view.get_content_maintype() in ("text", "message"):
             new_cte, new_body = b"quoted-printable", _encode_qp(body)
         else:
@@ -362,6 +368,11 @@ class _Fixer:
 
 def _is_delimiter(line: bytes, dash: bytes) -> bool:
     return line.startswith(dash) and line[len(dash) :].rstrip(b" \t") in (b"", b"--")
+
+
+def _cut_long(body: bytes) -> bytes:
+    """Last resort for a body we cannot re-encode: cut its over-long lines."""
+    return _CRLF.join(_split_long(body.split(_CRLF)))
 
 
 def _split_long(lines: list[bytes]) -> list[bytes]:
