@@ -574,7 +574,7 @@ class BridgeHandler:
                     envelope=BridgeEnvelope(
                         mail_from=mail_from,
                         rcpt_to=tuple(rcpts),
-                        helo=session.host_name,
+                        helo=_valid_text(session.host_name),
                         client_address=peer,
                         auth_user=_auth_user(session),
                         smtputf8=bool(envelope.smtp_utf8),
@@ -625,6 +625,17 @@ def _b64decode(data: bytes) -> bytes | None:
         return base64.b64decode(data + b"=" * (-len(data) % 4), validate=True)
     except (binascii.Error, ValueError):
         return None
+
+
+def _valid_text(value: str | None) -> str | None:
+    """`value` with undecodable bytes (kept by aiosmtpd as surrogates) replaced by U+FFFD.
+
+    A HELO name is only logged and reported, so a printer's stray 8-bit byte there is
+    kept visible instead of failing the spool's UTF-8 encoding (a 451 for every mail).
+    """
+    if value is None:
+        return None
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _peer_ip(peer: object) -> str:

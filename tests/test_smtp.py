@@ -164,6 +164,20 @@ async def test_unknown_command_is_not_echoed(wire: Wire) -> None:
     assert 250 == noop[0]
 
 
+async def test_8bit_helo_name_is_stored_with_replacement_characters(bridge: Bridge) -> None:
+    """A HELO name with a stray 8-bit byte does not stop the mail (U+FFFD in its place)."""
+    wire = await Wire.open(bridge.smtp_port)
+    await wire.reply()
+    assert 250 == (await wire.cmd(b"HELO printer\x80"))[0]
+
+    code, _ = await transaction(wire, b"Subject: x\r\n\r\nhi\r\n.\r\n")
+    await wire.close()
+    entry = (await bridge.spool.list())[0]
+
+    assert 250 == code
+    assert "printer\ufffd" == entry.envelope.helo
+
+
 async def test_sequence_errors(wire: Wire) -> None:
     """RCPT before MAIL, DATA before RCPT and a nested MAIL are 503."""
     await wire.cmd("EHLO c")
