@@ -70,6 +70,8 @@ class Reply:
     AUTH_BAD_PLAIN = "501 5.5.2 Cannot split PLAIN credentials"
     AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication exchange line is too long"
     UNKNOWN_COMMAND = "500 5.5.2 Command not recognized"
+    SYNTAX_VRFY = "501 5.5.4 Syntax: VRFY <address>"
+    CANNOT_VRFY = "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery"
 
 
 # Parameters RFC 5321 clients send on MAIL/RCPT that we accept. We advertise SIZE,
@@ -113,6 +115,8 @@ class BridgeSMTP(SMTP):
       login), which Xerox MFPs, Go's net/smtp and curl require.
     * An unknown command gets a fixed reply: aiosmtpd echoes the command word, control
       characters included, which lets a scanner put a bare CR into our reply stream.
+    * VRFY always answers 252 (RFC 5321 §3.5.3): aiosmtpd parses the argument as an
+      address, raises on some inputs (``VRFY <``) and echoes others in its 502.
     * An AUTH response longer than a line gets one ``500 5.5.6`` (RFC 4954 §4); aiosmtpd's
       ``readline`` raises there (answered as an internal error) and then reads the rest of
       the line as a command.
@@ -350,6 +354,12 @@ class BridgeSMTP(SMTP):
             self._env_().rcpt_tos.append(address)
             self._env_().rcpt_options.extend(rest.split())
         await self.push(status)
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        if await self.check_auth_needed("VRFY"):
+            return
+        await self.push(Reply.CANNOT_VRFY if arg else Reply.SYNTAX_VRFY)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:

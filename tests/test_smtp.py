@@ -178,6 +178,16 @@ async def test_8bit_helo_name_is_stored_with_replacement_characters(bridge: Brid
     assert "printer\ufffd" == entry.envelope.helo
 
 
+@pytest.mark.parametrize("arg", ["<", "<b@example.org>", "postmaster", "\x1b[31m<x"])
+async def test_vrfy_verifies_nothing_and_echoes_nothing(wire: Wire, arg: str) -> None:
+    """VRFY gets 252 whatever the argument (RFC 5321 §3.5.3), and 501 without one."""
+    reply = await wire.cmd("VRFY " + arg)
+    bare = await wire.cmd("VRFY")
+
+    assert (252, ["2.5.0 Cannot VRFY user, but will accept message and attempt delivery"]) == reply
+    assert (501, ["5.5.4 Syntax: VRFY <address>"]) == bare
+
+
 async def test_sequence_errors(wire: Wire) -> None:
     """RCPT before MAIL, DATA before RCPT and a nested MAIL are 503."""
     await wire.cmd("EHLO c")
