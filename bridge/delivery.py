@@ -49,6 +49,10 @@ _TRANSPORT_ERRORS: tuple[tuple[type[httpx.HTTPError], str], ...] = (
 def _transport_outcome(exc: httpx.HTTPError) -> Retryable:
     for cls, reason in _TRANSPORT_ERRORS:
         if isinstance(exc, cls):
+            if cls is httpx.HTTPError:
+                # Not the network's words but ours (e.g. h11 refusing a header value),
+                # which may quote the request's own headers: keys and tokens.
+                return Retryable(reason=f"{reason}: {type(exc).__name__}")
             detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             return Retryable(reason=f"{reason}: {detail}")
     raise AssertionError("unreachable: httpx.HTTPError is the last row")  # pragma: no cover

@@ -63,6 +63,48 @@ def test_env_reference_unset_names_its_key_path() -> None:
     assert {"providers.hook.url": "environment variable HOOK_HOST is not set"} == problems(text)
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("SECRET\r", "contains a control character (CR, LF, NUL, ...)"),
+        ("SECRET\r\nX-Evil: 1", "contains a control character (CR, LF, NUL, ...)"),
+        ("SECRET ", "has leading or trailing whitespace"),
+    ],
+    ids=["trailing-cr", "injected-header", "trailing-space"],
+)
+def test_header_value_unusable_in_http_is_refused_without_repeating_it(
+    value: str, message: str
+) -> None:
+    """A token with CR/LF or stray spaces is a config error that does not quote the token."""
+    text = MINIMAL.replace(
+        'url: "https://example.net/in"',
+        'url: "https://example.net/in", headers: {Authorization: "Bearer ${TOKEN}"}',
+    )
+
+    found = problems(text, {"TOKEN": value})
+
+    assert {"providers.hook.headers": message} == found
+    assert "SECRET" not in repr(found)
+
+
+def test_pem_key_material_may_span_lines() -> None:
+    """PEM and JSON key fields are exempt: they are multi-line and never a header."""
+    text = dedent(
+        """
+        providers:
+          g:
+            type: gmail
+            service_account: "${KEY}"
+        routes:
+          - provider: g
+        """
+    )
+
+    found = problems(text, {"KEY": '{\n  "type": "authorized_user"\n}'})
+
+    assert {"providers.g": 'service_account is not a key of "type": "service_account"'} == found
+
+
 def test_env_reference_default_and_dollar_escape() -> None:
     """${VAR:-default} falls back; $$ is a literal dollar sign."""
     text = dedent(

@@ -201,6 +201,21 @@ async def test_transport_errors_are_retryable(
     assert str(error) in (entry.last_error or "")
 
 
+async def test_local_protocol_error_is_retryable_without_its_text(
+    spool: Spool, worker_for: Callable[[Api], DeliveryWorker]
+) -> None:
+    """An error about our own request (it may quote our headers) is recorded by type only."""
+    eid = await queue(spool)
+    error = httpx.LocalProtocolError("Illegal header value b'Bearer SECRET-TOKEN\\r'")
+
+    await worker_for(Api(error)).run_once()
+
+    entry = await spool.get(eid)
+    assert entry is not None
+    assert State.DEFERRED == entry.state
+    assert "HTTP error: LocalProtocolError" == entry.last_error
+
+
 async def test_max_age_turns_retryable_into_dead(
     spool: Spool, worker_for: Callable[[Api], DeliveryWorker], clock: Clock
 ) -> None:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import builtins
 import email.utils
 import ipaddress
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Generator
 from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
 from bridge.model import Delivered, Message, Outcome, Permanent, Retryable
 
@@ -89,6 +90,39 @@ class ProviderSettings(BaseModel):
     def _base_url(cls, value: str | None) -> str | None:
         # Scheme, host and optional port: the adapter appends the API's own paths.
         return None if value is None else check_endpoint(value)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _usable_in_http(cls, value: object, info: ValidationInfo) -> object:
+        # Keys, tokens and header values end up in HTTP header fields. A stray CR from an
+        # env file written on Windows would otherwise fail every request, with the secret
+        # quoted in the transport error. The message never repeats the value.
+        if info.field_name in _MULTILINE_FIELDS:
+            return value
+        for text in _strings(value):
+            if _UNSAFE_TEXT.search(text):
+                raise ValueError("contains a control character (CR, LF, NUL, ...)")
+            if text != text.strip(" \t"):
+                raise ValueError("has leading or trailing whitespace")
+        return value
+
+
+_UNSAFE_TEXT = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+#: PEM and JSON key material: multi-line by nature, and never sent as a header.
+_MULTILINE_FIELDS = frozenset({"certificate", "private_key", "service_account"})
+
+
+def _strings(value: object) -> list[str]:
+    """The strings of a settings value: itself, or a dict's keys and values."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [t for pair in value.items() for t in pair if isinstance(t, str)]
+    return []
 
 
 S = TypeVar("S", bound=ProviderSettings)
