@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import ipaddress
+import re
 import ssl
 import time
 import weakref
@@ -79,6 +80,10 @@ class Reply:
 # and the DSN parameters (RFC 3461: RET, ENVID, NOTIFY, ORCPT) are accepted and ignored,
 # because refusing them (aiosmtpd answers 555) loses the mail of clients that always send
 # them, while ignoring them only means no DSN options are honoured.
+# No mailbox contains a control character (RFC 5321 §4.1.2); NUL or ESC in a path is an
+# attack or a broken client, and would travel on into every JSON payload.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
 _MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "AUTH", "RET", "ENVID"}
 _RCPT_PARAMS = {"NOTIFY", "ORCPT"}
 
@@ -266,8 +271,14 @@ class BridgeSMTP(SMTP):
         if stripped.startswith("<") and ">" not in stripped:
             # email's get_angle_addr repairs an unclosed bracket; a mail path must not.
             return None, ""
-        address, rest = self._getaddr(stripped)
-        if address is None:
+        try:
+            address, rest = self._getaddr(stripped)
+        except Exception:
+            # email's header parser raises IndexError, AttributeError or
+            # UnboundLocalError on some malformed paths ("a@", "a@[", '"'); aiosmtpd
+            # only catches HeaderParseError. Bad input is a 553, not our 451.
+            return None, ""
+        if address is None or _CONTROL.search(address):
             return None, ""
         try:
             # SMTPUTF8 arguments arrive as UTF-8 with surrogateescape; refuse invalid UTF-8
@@ -306,7 +317,7 @@ class BridgeSMTP(SMTP):
             return
         size = params.get("SIZE")
         if size is not None:
-            if not isinstance(size, str) or not size.isdigit():
+            if not isinstance(size, str) or not (size.isascii() and size.isdigit()):
                 await self.push(Reply.SYNTAX_MAIL)
                 return
             if self.data_size_limit and int(size) > self.data_size_limit:

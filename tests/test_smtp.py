@@ -144,6 +144,26 @@ async def test_unknown_parameter_is_555(wire: Wire) -> None:
         ("MAIL TO:<a@example.com>", 501),
         ("MAIL FROM:<a@example.com> BODY=BINARYMIME", 501),
         ("MAIL FROM:<a@example.com> SIZE=abc", 501),
+        ("MAIL FROM:<a@example.com> SIZE=\u0663", 501),
+        ("MAIL FROM:a@", 553),
+        ('MAIL FROM:"', 553),
+        ("MAIL FROM:a@[", 553),
+        ("MAIL FROM:a@[ ", 553),
+        ("MAIL FROM:<a\x00b@example.com>", 553),
+        ("MAIL FROM:<a\x1bb@example.com>", 553),
+    ],
+    ids=[
+        "unclosed",
+        "keyword",
+        "body",
+        "size-letters",
+        "size-arabic-digit",
+        "parser-indexerror",
+        "parser-quote",
+        "parser-attributeerror",
+        "parser-unbound",
+        "nul",
+        "esc",
     ],
 )
 async def test_bad_mail_commands_get_precise_replies(wire: Wire, line: str, code: int) -> None:
@@ -152,6 +172,15 @@ async def test_bad_mail_commands_get_precise_replies(wire: Wire, line: str, code
 
     assert code == (await wire.cmd(line))[0]
     assert 250 == (await wire.cmd("NOOP"))[0]
+
+
+async def test_recipient_the_address_parser_chokes_on_is_553(wire: Wire) -> None:
+    """RCPT TO:a@ makes the stdlib parser raise; the client gets 553, not a 451."""
+    await wire.cmd("EHLO c")
+    await wire.cmd("MAIL FROM:<a@example.com>")
+
+    assert 553 == (await wire.cmd("RCPT TO:a@"))[0]
+    assert 553 == (await wire.cmd("RCPT TO:<b\x00@example.org>"))[0]
 
 
 async def test_unknown_command_is_not_echoed(wire: Wire) -> None:
