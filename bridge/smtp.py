@@ -69,6 +69,7 @@ class Reply:
     AUTH_ABORTED = "501 5.7.0 Authentication aborted"
     AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode base64"
     AUTH_BAD_PLAIN = "501 5.5.2 Cannot split PLAIN credentials"
+    AUTH_UNAVAILABLE = "502 5.5.1 AUTH not available"
     AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication exchange line is too long"
     UNKNOWN_COMMAND = "500 5.5.2 Command not recognized"
     SYNTAX_VRFY = "501 5.5.4 Syntax: VRFY <address>"
@@ -212,7 +213,17 @@ class BridgeSMTP(SMTP):
             except asyncio.LimitOverrunError as exc:
                 await reader.readexactly(exc.consumed)
 
+    async def _auth_unavailable(self) -> bool:
+        """With no users configured AUTH is not offered, and not run (scrypt costs CPU)."""
+        handler: BridgeHandler = self.event_handler
+        if handler.config.auth.users:
+            return False
+        await self.push(Reply.AUTH_UNAVAILABLE)
+        return True
+
     async def auth_PLAIN(self, _: object, args: list[str]) -> AuthResult:
+        if await self._auth_unavailable():
+            return AuthResult(success=False, handled=True)
         if len(args) == 1:
             blob = await self.challenge_auth("")
             if not isinstance(blob, bytes):
@@ -227,9 +238,15 @@ class BridgeSMTP(SMTP):
         if len(parts) != 3:
             await self.push(Reply.AUTH_BAD_PLAIN)
             return AuthResult(success=False, handled=True)
-        return await self._check_login(parts[1], parts[2])
+        authzid, login, password = parts
+        if authzid and authzid != login:
+            # RFC 4616 §2: acting as another identity needs a right we never grant.
+            return AuthResult(success=False, handled=False, message=Reply.AUTH_FAILED)
+        return await self._check_login(login, password)
 
     async def auth_LOGIN(self, _: object, args: list[str]) -> AuthResult:
+        if await self._auth_unavailable():
+            return AuthResult(success=False, handled=True)
         if len(args) == 1:
             login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
             if not isinstance(login, bytes):

@@ -201,6 +201,40 @@ async def test_non_utf8_initial_response_is_501_not_an_internal_error(
     assert (501, ["5.5.2 Cannot decode base64"]) == reply
 
 
+async def test_plain_with_another_authorization_identity_is_refused(
+    start_bridge: Callable[..., Any], make_config: Callable[..., Config]
+) -> None:
+    """AUTH PLAIN acting as someone else (authzid differs) fails even with the right password."""
+    bridge = await start_bridge(make_config(auth=users()))
+    wire = await opened(bridge)
+    await wire.cmd("EHLO c")
+
+    other = await wire.cmd("AUTH PLAIN " + b64(f"admin\0scanner@example.com\0{PASSWORD}"))
+    same = await wire.cmd(
+        "AUTH PLAIN " + b64(f"scanner@example.com\0scanner@example.com\0{PASSWORD}")
+    )
+    await wire.close()
+
+    assert 535 == other[0]
+    assert 235 == same[0]
+
+
+async def test_auth_without_configured_users_is_502(
+    start_bridge: Callable[..., Any], make_config: Callable[..., Config]
+) -> None:
+    """With no users, AUTH is neither advertised nor run."""
+    bridge = await start_bridge(make_config())
+    wire = await opened(bridge)
+    await wire.cmd("EHLO c")
+
+    plain = await wire.cmd("AUTH PLAIN " + b64("\0scanner@example.com\0x"))
+    login = await wire.cmd("AUTH LOGIN")
+    await wire.close()
+
+    assert (502, ["5.5.1 AUTH not available"]) == plain
+    assert (502, ["5.5.1 AUTH not available"]) == login
+
+
 async def test_user_may_not_send_as_others(
     start_bridge: Callable[..., Any], make_config: Callable[..., Config]
 ) -> None:
