@@ -57,6 +57,7 @@ _MAX_PARSED_HEADER = 32 * 1024
 _MAX_DEPTH = 64
 
 _LINE_BREAKS = re.compile(r"\r\n|\r|\n")
+_HEADER_BREAK = re.compile(r"[\r\n\x00]")
 _SURROGATE_RUN = re.compile("[\udc80-\udcff]+")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _C1_CONTROL = re.compile("[\x80-\x9f]")
@@ -343,7 +344,10 @@ def _decode_header(value: str) -> str:
         return text
     # The token list keeps undecodable bytes as surrogates, so that _clean can give them
     # the windows-1252 fallback; str() of a header object would make them U+FFFD.
-    return _clean(_attempt(lambda: str(UnstructuredHeader.value_parser(text)), text))
+    decoded = _clean(_attempt(lambda: str(UnstructuredHeader.value_parser(text)), text))
+    # An encoded word may carry CR, LF or NUL (=?utf-8?q?x=0D=0ABcc:...?=): as a space they
+    # cannot end a header line in an API that writes the value into MIME.
+    return _HEADER_BREAK.sub(" ", decoded)
 
 
 def _verbatim(value: str | None) -> str | None:

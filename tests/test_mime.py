@@ -410,6 +410,17 @@ def test_encoded_word_unknown_charset() -> None:
     assert "Grüßeü" == message.subject
 
 
+def test_encoded_line_breaks_in_a_header_become_spaces() -> None:
+    """CR, LF and NUL hidden in encoded words cannot start a new header line downstream."""
+    message = parse(
+        b"Subject: =?utf-8?q?x_=0D=0ABcc:_x@evil.example=00?=\r\n"
+        b"X-Note: =?utf-8?b?YQ0KYg==?=\r\n\r\n"
+    )
+
+    assert "x   Bcc: x@evil.example " == message.subject
+    assert "a  b" == message.header("X-Note")
+
+
 def test_surrogate_free_output() -> None:
     """No string of the document holds surrogates or C1 controls."""
     raw = (
