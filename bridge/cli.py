@@ -1,8 +1,9 @@
 """The `smtp-bridge` command: subcommands, and exceptions turned into exit statuses.
 
 Exit statuses follow sysexits(3) where one fits: 0 success, 1 failure (e.g. not
-ready), 2 usage error (argparse), 66 no such input (EX_NOINPUT), 78 bad configuration
-(EX_CONFIG).
+ready), 2 usage error (argparse), 66 no such input (EX_NOINPUT: config file, spool or
+entry), 71 operating-system error (EX_OSERR: e.g. the port is taken), 78 bad
+configuration (EX_CONFIG), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from bridge import __version__
-from bridge.config import Config, load_config_file
+from bridge.config import Config, check_files, load_config_file
 from bridge.errors import ConfigError, SpoolError
 
 __all__ = ["main"]
@@ -26,6 +27,7 @@ __all__ = ["main"]
 EX_OK = 0
 EX_FAIL = 1
 EX_NOINPUT = 66
+EX_OSERR = 71
 EX_CONFIG = 78
 
 DEFAULT_CONFIG = "config/bridge.yaml"
@@ -50,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
             "(SendGrid, Mailgun, Postmark, SES, Microsoft Graph, Gmail, Resend, Brevo, Mailjet, "
             "SparkPost, or a JSON webhook)."
         ),
-        epilog="Exit status: 0 ok, 1 failure, 2 usage, 66 missing input, 78 bad configuration.",
+        epilog=(
+            "Exit status: 0 ok, 1 failure, 2 usage, 66 missing input (config file, spool, "
+            "entry), 71 system error (e.g. port in use), 78 bad configuration, 130 interrupted."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"smtp-bridge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -69,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--state", choices=["queued", "inflight", "deferred", "delivered", "dead"], default=None
     )
-    q.add_argument("--limit", type=int, default=50)
+    q.add_argument("--limit", type=_bounded(1, 1_000_000), default=50)
     q.add_argument("--json", action="store_true", help="one JSON object per line")
     q = qsub.add_parser("show", help="one entry with its delivery log")
     q.add_argument("id", help="entry id (or a unique prefix of 6+ characters)")
@@ -81,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a small local HTTPS receiver that stores webhook deliveries (for trying out)",
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8443)
+    p.add_argument("--port", type=_bounded(0, 65535), default=8443)
     p.add_argument("--dir", default="var/receiver", help="certificates and messages/ go here")
     p.add_argument(
         "--token",
@@ -117,7 +122,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}")
+        return value
+
+    return parse
+
+
+class _NoInput(Exception):
+    """A file the command needs is not there (exit 66)."""
+
+
 def _load(path: str) -> Config:
+    if not Path(path).exists():
+        raise _NoInput(f"no config file {path} (give --config FILE or set SMTP_BRIDGE_CONFIG)")
     return load_config_file(Path(path), os.environ)
 
 
@@ -135,11 +161,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         _print_config_error(str(getattr(args, "file", None) or getattr(args, "config", "?")), exc)
         return EX_CONFIG
+    except _NoInput as exc:
+        print(f"smtp-bridge: {exc}", file=sys.stderr)
+        return EX_NOINPUT
     except SpoolError as exc:
         print(f"smtp-bridge: spool: {exc}", file=sys.stderr)
         return EX_FAIL
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `smtp-bridge queue list | head`: the reader left; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_FAIL
+    except OSError as exc:
+        # Ports in use, unwritable directories: the OS's own words, without a traceback.
+        print(f"smtp-bridge: {exc}", file=sys.stderr)
+        return EX_OSERR
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -167,6 +204,7 @@ def _serve(args: argparse.Namespace) -> int:
     from bridge.logs import configure_logging
 
     config = _load(args.config)
+    check_files(config)
     configure_logging(config.logging.level, config.logging.format)
     return asyncio.run(serve(config))
 
@@ -174,6 +212,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _check_config(args: argparse.Namespace) -> int:
     path = args.file or args.config
     config = _load(path)
+    check_files(config)
     print(
         f"{path}: OK ({len(config.providers)} provider account(s), {len(config.routes)} route(s), "
         f"listening on {config.listen.host}:{config.listen.port})"
@@ -212,7 +251,8 @@ async def _queue(args: argparse.Namespace) -> int:
             return EX_OK
         entry = await spool.get(args.id)
         if entry is None:
-            print(f"smtp-bridge: no entry {args.id}", file=sys.stderr)
+            print(f"smtp-bridge: no entry {args.id} (give the full id, or a prefix of 6+ "
+                  "characters that matches one entry)", file=sys.stderr)  # fmt: skip
             return EX_NOINPUT
         if args.queue_command == "retry":
             if await spool.retry_now(entry.id):
@@ -356,6 +396,9 @@ def _passwd() -> int:
 
     from bridge.passwords import hash_password
 
+    if sys.stdin is None:
+        print("smtp-bridge: no standard input to read the password from", file=sys.stderr)
+        return EX_FAIL
     if sys.stdin.isatty():
         first = getpass.getpass("Password: ")
         if first != getpass.getpass("Again: "):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -391,8 +392,9 @@ def _read_file_keys(
             continue
         try:
             out[target] = Path(str(raw[key])).read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            problems.append(((*path, key), f"cannot read {raw[key]}: {exc.strerror or exc}"))
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror
+            problems.append(((*path, key), f"cannot read {raw[key]}: {reason or exc}"))
             # A stand-in value, and an empty problem that hides the validation error it
             # would cause at `target` (see _first_per_path).
             out[target] = ""
@@ -567,4 +569,43 @@ def load_config_file(path: Path, env: Mapping[str, str]) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([((), f"cannot read {path}: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([((), f"cannot read {path}: not UTF-8 text")]) from None
     return load_config(text, env)
+
+
+def check_files(config: Config) -> None:
+    """Load every certificate and CA file the config names, as `serve` will.
+
+    `load_config` only checks shapes; this catches the missing or unreadable file that
+    would otherwise stop the daemon at start-up with a bare OSError.
+
+    Raises:
+        ConfigError: One problem per unusable file, with its key path.
+    """
+    problems: list[tuple[KeyPath, str]] = []
+    tls = config.listen.tls
+    if tls is not None:
+        cert, key = config.resolve_path(tls.cert_file), config.resolve_path(tls.key_file)
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            where = f"{cert} / {key}"
+            problems.append((("listen", "tls", "cert_file"), _file_problem(exc, where)))
+    for name, account in config.providers.items():
+        ca = account.settings.ca_file
+        if ca is None:
+            continue
+        path = config.resolve_path(ca)
+        try:
+            ssl.create_default_context(cafile=str(path))
+        except (OSError, ssl.SSLError) as exc:
+            problems.append((("providers", name, "ca_file"), _file_problem(exc, str(path))))
+    if problems:
+        raise ConfigError(problems)
+
+
+def _file_problem(exc: OSError | ssl.SSLError, where: str) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return f"{where}: not a usable PEM certificate/key ({exc.reason or exc})"
+    return f"cannot read {where}: {exc.strerror or exc}"

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bridge.cli import EX_CONFIG, EX_NOINPUT, EX_OK, main
+from bridge.cli import EX_CONFIG, EX_NOINPUT, EX_OK, EX_OSERR, main
 from bridge.model import Envelope
 from bridge.passwords import verify_password
 from bridge.spool import NewEntry, Spool, State
@@ -32,6 +34,25 @@ def test_check_config_ok(config_file: Path, capsys: pytest.CaptureFixture[str]) 
     assert "OK (1 provider account(s), 1 route(s)" in capsys.readouterr().out
 
 
+def test_serve_on_a_taken_port_exits_71_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A port in use is an operating-system error (71) in one line, not a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "bridge.yaml"
+        path.write_text(config_text(tmp_path, listen={"port": port}))
+
+        code = main(["serve", "--config", str(path)])
+
+    err = capsys.readouterr().err
+    assert EX_OSERR == code
+    assert "address already in use" in err
+    assert "Traceback" not in err
+
+
 def test_check_config_bad_exits_78_naming_key_paths(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -49,11 +70,50 @@ def test_check_config_bad_exits_78_naming_key_paths(
 
 
 def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A missing file is a config error, not a traceback."""
+    """A missing config file is "no such input" (66), not a traceback."""
     code = main(["check-config", str(tmp_path / "nope.yaml")])
 
+    assert EX_NOINPUT == code
+    assert "no config file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "found"),
+    [
+        ("missing-ca.pem", "providers.hook.ca_file", "cannot read"),
+        ("garbage.pem", "providers.hook.ca_file", "not a usable PEM"),
+    ],
+    ids=["missing", "garbage"],
+)
+def test_check_config_names_an_unusable_ca_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: str, key: str, found: str
+) -> None:
+    """serve would fail on the file, so check-config does too, naming the key path."""
+    (tmp_path / "garbage.pem").write_text("not a certificate\n")
+    path = tmp_path / "bridge.yaml"
+    path.write_text(
+        "providers:\n"
+        f'  hook: {{type: webhook, url: "https://example.net/in", ca_file: "{tmp_path / extra}"}}\n'
+        "routes:\n  - provider: hook\n"
+    )
+
+    code = main(["check-config", str(path)])
+    err = capsys.readouterr().err
+
     assert EX_CONFIG == code
-    assert "cannot read" in capsys.readouterr().err
+    assert f"{key}: " in err
+    assert found in err
+
+
+def test_check_config_on_a_binary_file_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file that is not UTF-8 text is reported, not a UnicodeDecodeError traceback."""
+    path = tmp_path / "bridge.yaml"
+    path.write_bytes(b"\xff\xfe\x00binary")
+
+    assert EX_CONFIG == main(["check-config", str(path)])
+    assert "not UTF-8 text" in capsys.readouterr().err
 
 
 def test_shipped_examples_all_pass_check_config(capsys: pytest.CaptureFixture[str]) -> None:
@@ -70,8 +130,15 @@ def test_shipped_examples_all_pass_check_config(capsys: pytest.CaptureFixture[st
     finally:
         os.environ.clear()
         os.environ.update(old)
+    problems = [
+        line.strip() for line in capsys.readouterr().err.splitlines() if line.startswith("  ")
+    ]
 
-    assert {f.name: EX_OK for f in files} == codes, capsys.readouterr().err
+    # The examples name certificate files of the operator's machine; nothing else may fail.
+    assert {f.name: EX_OK for f in files} == {
+        name: EX_OK if code == EX_CONFIG else code for name, code in codes.items()
+    }
+    assert [] == [p for p in problems if not re.match(r"\S+\.(ca_file|cert_file): cannot read", p)]
 
 
 def _env_names(files: list[Path]) -> set[str]:
