@@ -321,6 +321,9 @@ class Spool:
 
     def _init_db(self, _: sqlite3.Connection | None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The spool holds whole messages: owner-only from the first byte, whatever the
+        # umask. SQLite gives its -wal and -shm files the database file's mode.
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA journal_mode=WAL")

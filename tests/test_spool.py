@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -271,3 +272,29 @@ def test_new_id_sorts_by_time() -> None:
 
     assert 26 == len(a)
     assert a < b
+
+
+async def test_spool_files_are_owner_only(tmp_path: Path) -> None:
+    """The database and its WAL are created 0600, whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        spool = Spool(tmp_path / "spool.sqlite3", min_free_space=0)
+        await spool.open()
+        await spool.put(
+            b"Subject: x\r\n\r\nhi\r\n",
+            [
+                NewEntry(
+                    route=0,
+                    provider="hook",
+                    envelope=Envelope(mail_from="a@example.com", rcpt_to=("b@example.org",)),
+                )
+            ],
+        )
+        modes = await asyncio.to_thread(
+            lambda: {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+        )
+        await spool.close()
+    finally:
+        os.umask(old)
+
+    assert {"spool.sqlite3": 0o600, "spool.sqlite3-wal": 0o600, "spool.sqlite3-shm": 0o600} == modes
