@@ -1,0 +1,1 @@
+"""Fuzz targets: the SMTP edge and the MIME side (`make test` runs short campaigns)."""
