@@ -16,19 +16,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The receiver and the bridge run in the background of one shell that waits for the bridge:
+# Ctrl-C or a SIGTERM to make reaches the trap at once, which stops both cleanly (the bridge
+# drains and exits 0). printf, not echo: dash's echo would turn the \r\n below into bytes.
 run: $(STAMP)
 	@mkdir -p var
 	@echo "Starting the test receiver on https://127.0.0.1:8443 and the bridge on 127.0.0.1:2525 (Ctrl-C stops both)."
-	@echo "Send a test mail:  swaks --server 127.0.0.1:2525 --to you@example.org --from me@example.com"
-	@echo "       or:  $(BIN)/python -c \"import smtplib; smtplib.SMTP('127.0.0.1', 2525).sendmail('me@example.com', ['you@example.org'], 'Subject: hi\r\n\r\nhello\r\n')\""
-	@trap 'kill 0' INT TERM EXIT; \
-	  $(BIN)/smtp-bridge receive --dir var/receiver & \
+	@echo "Send a test mail:  swaks --server 127.0.0.1:2525 --to you@example.org --from me@example.com   (Debian: apt-get install swaks)"
+	@printf '%s\n' "       or:  $(BIN)/python -c 'import smtplib; smtplib.SMTP(\"127.0.0.1\", 2525).sendmail(\"me@example.com\", [\"you@example.org\"], \"Subject: hi\\r\\n\\r\\nhello\\r\\n\")'"
+	@printf '%s\n' "Other commands (queue, health, check-config) in another shell:  export WEBHOOK_TOKEN=$(WEBHOOK_TOKEN); $(BIN)/smtp-bridge queue list"
+	@$(BIN)/smtp-bridge receive --dir var/receiver & rpid=$$!; \
 	  for i in $$(seq 50); do [ -f var/receiver/ca.pem ] && break; sleep 0.1; done; \
-	  $(BIN)/smtp-bridge serve --config config/bridge.yaml
+	  $(BIN)/smtp-bridge serve --config config/bridge.yaml & spid=$$!; \
+	  trap 'kill $$spid $$rpid 2>/dev/null' INT TERM; \
+	  wait $$spid; status=$$?; \
+	  while kill -0 $$spid 2>/dev/null; do wait $$spid; status=$$?; done; \
+	  kill $$rpid 2>/dev/null; wait $$rpid 2>/dev/null; exit $$status
 
 lint: $(STAMP)
-	$(BIN)/ruff format --check bridge tests bench
-	$(BIN)/ruff check bridge tests bench
+	$(BIN)/ruff format --check bridge tests bench fuzz
+	$(BIN)/ruff check bridge tests bench fuzz
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -47,6 +54,10 @@ test: lint typecheck unit
 
 soak: $(STAMP)
 	$(BIN)/python bench/soak.py --seconds 300 --kills 20 --clients 8
+
+# Fresh random seeds every batch; `make test` runs a short derandomized campaign.
+fuzz: $(STAMP)
+	$(BIN)/python -m fuzz.run --seconds $${FUZZ_SECONDS:-600}
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
