@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bridge import __version__
-from bridge.config import Config, check_files, load_config_file
+from bridge.config import Config, LocalSettings, check_files, load_config_file, load_local_settings
 from bridge.errors import ConfigError, SpoolError
 
 __all__ = ["main"]
@@ -33,11 +33,15 @@ EX_CONFIG = 78
 DEFAULT_CONFIG = "config/bridge.yaml"
 
 
-def _config_arg(p: argparse.ArgumentParser) -> None:
+def _config_arg(p: argparse.ArgumentParser, *, nested: bool = False) -> None:
+    # `nested`: the option is repeated on an action (`queue list --config F`), with no
+    # default there, so that the group's own `queue --config F list` keeps working too.
     p.add_argument(
         "--config",
         "-c",
-        default=os.environ.get("SMTP_BRIDGE_CONFIG", DEFAULT_CONFIG),
+        default=argparse.SUPPRESS
+        if nested
+        else os.environ.get("SMTP_BRIDGE_CONFIG", DEFAULT_CONFIG),
         metavar="FILE",
         help=f"config file (default: $SMTP_BRIDGE_CONFIG or {DEFAULT_CONFIG})",
     )
@@ -76,10 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--limit", type=_bounded(1, 1_000_000), default=50)
     q.add_argument("--json", action="store_true", help="one JSON object per line")
+    _config_arg(q, nested=True)
     q = qsub.add_parser("show", help="one entry with its delivery log")
     q.add_argument("id", help="entry id (or a unique prefix of 6+ characters)")
+    _config_arg(q, nested=True)
     q = qsub.add_parser("retry", help="make a deferred or dead entry due now")
     q.add_argument("id")
+    _config_arg(q, nested=True)
 
     p = sub.add_parser(
         "receive",
@@ -110,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--to", required=True, metavar="ADDR", help="recipient of the test message")
     q.add_argument("--from", dest="sender", metavar="ADDR",
                    help="sender (default: the route's default_sender)")  # fmt: skip
+    _config_arg(q, nested=True)
 
     p = sub.add_parser(
         "passwd",
@@ -142,9 +150,19 @@ class _NoInput(Exception):
 
 
 def _load(path: str) -> Config:
+    _must_exist(path)
+    return load_config_file(Path(path), os.environ)
+
+
+def _load_local(path: str) -> LocalSettings:
+    """Only `spool` and `health`: operator commands run without the service's secrets."""
+    _must_exist(path)
+    return load_local_settings(Path(path), os.environ)
+
+
+def _must_exist(path: str) -> None:
     if not Path(path).exists():
         raise _NoInput(f"no config file {path} (give --config FILE or set SMTP_BRIDGE_CONFIG)")
-    return load_config_file(Path(path), os.environ)
 
 
 def _print_config_error(path: str, exc: ConfigError) -> None:
@@ -223,7 +241,7 @@ def _check_config(args: argparse.Namespace) -> int:
 async def _queue(args: argparse.Namespace) -> int:
     from bridge.spool import Spool, State
 
-    config = _load(args.config)
+    config = _load_local(args.config)
     path = config.resolve_path(config.spool.path)
     if not path.exists():
         print(f"smtp-bridge: no spool at {path} (has the daemon run yet?)", file=sys.stderr)
@@ -314,7 +332,7 @@ def _receive(args: argparse.Namespace) -> int:
 def _health(args: argparse.Namespace) -> int:
     import httpx
 
-    config = _load(args.config)
+    config = _load_local(args.config)
     url = f"http://{config.health.host}:{config.health.port}/readyz"
     try:
         response = httpx.get(url, timeout=5)

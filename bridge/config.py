@@ -54,6 +54,7 @@ __all__ = [
     "TLSConfig",
     "load_config",
     "load_config_file",
+    "load_local_settings",
     "parse_duration",
     "parse_size",
 ]
@@ -447,18 +448,7 @@ def load_config(text: str, env: Mapping[str, str], *, base_dir: Path | None = No
     Raises:
         ConfigError: with every problem found, each with its key path.
     """
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "not valid YAML"
-        raise ConfigError([((), f"{where}{problem}")]) from None
-    if doc is None:
-        doc = {}
-    if not isinstance(doc, dict):
-        raise ConfigError([((), "the config file must be a mapping of sections")])
-
+    doc = _parse_yaml(text)
     problems: list[tuple[KeyPath, str]] = []
     doc = _expand(doc, env, (), problems)
     try:
@@ -514,6 +504,56 @@ def load_config(text: str, env: Mapping[str, str], *, base_dir: Path | None = No
     )
 
 
+def _parse_yaml(text: str) -> dict[str, Any]:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError([((), f"{where}{problem}")]) from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError([((), "the config file must be a mapping of sections")])
+    return doc
+
+
+class LocalSettings(BaseModel):
+    """The sections the operator commands (`queue`, `health`) need, and no others."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    spool: SpoolConfig = SpoolConfig()
+    health: HealthConfig = HealthConfig()
+
+    def resolve_path(self, value: str) -> Path:
+        """A relative path is taken from the current directory, as in `Config`."""
+        return Path(value)
+
+
+def load_local_settings(path: Path, env: Mapping[str, str]) -> LocalSettings:
+    """Read only `spool` and `health` from the config file at `path`.
+
+    `smtp-bridge queue list` on a server must work from an operator's shell, where the
+    provider secrets of the service's environment (or its systemd credentials) are not
+    set; so a ${VAR} or a file elsewhere in the file is not even looked at.
+
+    Raises:
+        ConfigError: The file is unreadable, or these two sections are invalid.
+    """
+    doc = _parse_yaml(_read_text(path))
+    problems: list[tuple[KeyPath, str]] = []
+    sections = {k: _expand(doc[k], env, (k,), problems) for k in ("spool", "health") if k in doc}
+    try:
+        settings = LocalSettings.model_validate(sections)
+    except ValidationError as exc:
+        problems.extend(_problems_from(exc, ()))
+    if problems:
+        raise ConfigError(_first_per_path(problems))
+    return settings
+
+
 def _accounts(
     raw: dict[str, Any], problems: list[tuple[KeyPath, str]]
 ) -> dict[str, ProviderAccount]:
@@ -565,13 +605,16 @@ def _valid_routes(raw: object) -> list[Route]:
 
 def load_config_file(path: Path, env: Mapping[str, str]) -> Config:
     """Read `path` and `load_config` it; an unreadable file is a ConfigError too."""
+    return load_config(_read_text(path), env)
+
+
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([((), f"cannot read {path}: {exc.strerror or exc}")]) from None
     except UnicodeDecodeError:
         raise ConfigError([((), f"cannot read {path}: not UTF-8 text")]) from None
-    return load_config(text, env)
 
 
 def check_files(config: Config) -> None:

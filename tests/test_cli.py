@@ -189,6 +189,29 @@ def test_queue_list_show_retry(
     assert 1 == again
 
 
+def test_queue_needs_neither_provider_secrets_nor_a_fixed_option_position(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """queue works from a shell without the service's secrets, --config before or after."""
+    path = tmp_path / "bridge.yaml"
+    path.write_text(
+        config_text(tmp_path).replace(
+            "url: https://127.0.0.1:9/messages",
+            "url: https://127.0.0.1:9/messages\n    headers:"
+            " {Authorization: 'Bearer ${UNSET_IN_THIS_SHELL}'}",
+        )
+    )
+    asyncio.run(_fill(path, tmp_path))
+
+    before = main(["queue", "--config", str(path), "list"])
+    after = main(["queue", "list", "--config", str(path)])
+    checked = main(["check-config", str(path)])
+
+    err = capsys.readouterr().err
+    assert (EX_OK, EX_OK, EX_CONFIG) == (before, after, checked)
+    assert "UNSET_IN_THIS_SHELL is not set" in err
+
+
 def test_queue_without_spool(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Asking for the queue before the daemon ever ran is a clear message, exit 66."""
     code = main(["queue", "--config", str(config_file), "list"])
