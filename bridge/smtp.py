@@ -400,11 +400,17 @@ class BridgeSMTP(SMTP):
             await self.push(Reply.SYNTAX_DATA)
             return
         await self.push(Reply.START_DATA)
-        data, too_big, aborted = await self._read_data()
+        started = time.monotonic()
+        data, size, too_big, aborted = await self._read_data()
         if aborted:
             self._reset_envelope()
             return
         if too_big:
+            handler: BridgeHandler = self.event_handler
+            handler.log_transaction(
+                "rejected", self._env_(), size, started,
+                reply=Reply.TOO_BIG, peer=_peer_ip(self.session.peer if self.session else None),
+            )  # fmt: skip
             self._reset_envelope()
             await self.push(Reply.TOO_BIG)
             return
@@ -414,8 +420,8 @@ class BridgeSMTP(SMTP):
         self._reset_envelope()
         await self.push(Reply.OK if status is _MISSING else status)
 
-    async def _read_data(self) -> tuple[bytes, bool, bool]:
-        """Read DATA up to CRLF.CRLF: (dot-unstuffed bytes, over the limit, aborted).
+    async def _read_data(self) -> tuple[bytes, int, bool, bool]:
+        """Read DATA up to CRLF.CRLF: (dot-unstuffed bytes, size, over the limit, aborted).
 
         A "line" is what ends in CRLF; bare LF is ordinary data (RFC 5321 §4.1.1.4:
         the end of data is CRLF.CRLF and nothing else). Segments longer than the
@@ -440,7 +446,7 @@ class BridgeSMTP(SMTP):
                 await self.push(Reply.DATA_TIMEOUT)
                 if self.transport is not None:
                     self.transport.close()
-                return b"", False, True
+                return b"", size, False, True
             if at_line_start:
                 if piece == b".\r\n":
                     break
@@ -457,7 +463,7 @@ class BridgeSMTP(SMTP):
                 buf.clear()
                 continue
             buf += piece
-        return bytes(buf), too_big, False
+        return bytes(buf), size, too_big, False
 
 
 class BridgeHandler:
@@ -603,7 +609,9 @@ class BridgeHandler:
             route = self.routes[index]
             max_size = self.limits[index][0]
             if max_size is not None and len(raw) > max_size:
-                self._log("rejected", envelope, len(raw), started, reply=Reply.TOO_BIG, peer=peer)
+                self.log_transaction(
+                    "rejected", envelope, len(raw), started, reply=Reply.TOO_BIG, peer=peer
+                )
                 return Reply.TOO_BIG
             entries.append(
                 NewEntry(
@@ -623,10 +631,12 @@ class BridgeHandler:
             ids = await self.spool.put(raw, entries, message_id=_message_id(raw))
         except SpoolError as exc:
             log.warning("spool_put_failed", error=str(exc), reply=exc.smtp_reply)
-            self._log("tempfail", envelope, len(raw), started, reply=exc.smtp_reply, peer=peer)
+            self.log_transaction(
+                "tempfail", envelope, len(raw), started, reply=exc.smtp_reply, peer=peer
+            )
             return exc.smtp_reply
         self.on_queued()
-        self._log(
+        self.log_transaction(
             "queued", envelope, len(raw), started, reply="250", peer=peer, spool_ids=ids,
             message_id=_message_id(raw),
         )  # fmt: skip
@@ -637,7 +647,10 @@ class BridgeHandler:
         log.error("smtp_internal_error", exc_info=error)
         return Reply.TEMPFAIL
 
-    def _log(self, result: str, envelope: Envelope, size: int, started: float, **kw: Any) -> None:
+    def log_transaction(
+        self, result: str, envelope: Envelope, size: int, started: float, **kw: Any
+    ) -> None:
+        """One canonical log line and one metric count per DATA transaction."""
         health.SMTP_TRANSACTIONS.labels(result=result).inc()
         log.info(
             "smtp_transaction",

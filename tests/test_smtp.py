@@ -12,6 +12,7 @@ from typing import Any
 
 import aiosmtplib
 import pytest
+from structlog.testing import capture_logs
 
 from bridge.app import Bridge
 from bridge.config import Config
@@ -306,12 +307,15 @@ async def test_oversize_data_gets_exactly_one_552_and_nothing_is_stored(
     await wire.cmd("EHLO c")
     body = b"".join(b"MAIL FROM:<x@example.com> line %d\r\n" % i for i in range(400))
 
-    code, lines = await transaction(wire, stuff(b"Subject: big\r\n\r\n" + body))
+    with capture_logs() as logs:
+        code, lines = await transaction(wire, stuff(b"Subject: big\r\n\r\n" + body))
     after = await wire.cmd("NOOP")
+    (logged,) = [e for e in logs if e["event"] == "smtp_transaction"]
 
     assert (552, "5.3.4") == (code, lines[0][:5])
     assert 250 == after[0]
     assert [] == stored(bridge)
+    assert ("rejected", 16 + len(body)) == (logged["result"], logged["size"])
 
 
 async def test_unroutable_recipient_is_550(
