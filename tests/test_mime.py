@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bridge.mime
-from bridge.mime import parse_message
+from bridge.mime import _registry_addresses, parse_message
 from bridge.model import Address, Envelope, Header, Message
 from bridge.payload import message_v1
 
@@ -419,6 +419,36 @@ def test_encoded_line_breaks_in_a_header_become_spaces() -> None:
 
     assert "x   Bcc: x@evil.example " == message.subject
     assert "a  b" == message.header("X-Note")
+
+
+def test_mime_parameter_header_beyond_8k_is_cut_before_parsing() -> None:
+    """16,000 RFC 2231 sections (a quadratic parse) are cut at 8 KiB: later ones are unread."""
+    params = "".join(f"; p{i}*{i % 3}*=x" for i in range(16000))
+    raw = (
+        "Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n\r\nGrüße\r\n--b\r\n"
+        f'Content-Type: text/plain; name="early.txt"{params}; charset=utf-8\r\n'
+        f'Content-Disposition: attachment{params}; filename="late.txt"\r\n\r\nx\r\n--b--\r\n'
+    ).encode()
+
+    message = parse(raw)
+
+    assert "Grüße" == message.text
+    assert 1 == len(message.attachments)
+    assert "late.txt" != message.attachments[0].filename
+
+
+def test_long_address_list_goes_to_the_linear_parser_with_names_decoded() -> None:
+    """Over 4 KiB, To is read by compat32's parser; encoded names are still decoded."""
+    to = ", ".join(f'"=?utf-8?q?J=C3=B6rg_{i}?=" <j{i}@example.org>' for i in range(300))
+    raw = f"From: a@example.com\r\nTo: {to}\r\n\r\nhi\r\n".encode()
+
+    message = parse(raw)
+
+    assert 300 == len(message.to)
+    assert Address("j299@example.org", "Jörg 299") == message.to[-1]
+    with pytest.raises(ValueError, match="too long for the header registry"):
+        _registry_addresses(to)
 
 
 def test_surrogate_free_output() -> None:
