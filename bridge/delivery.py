@@ -27,7 +27,7 @@ from bridge.mime import parse_message
 from bridge.model import Delivered, Envelope, Outcome, Permanent, Retryable
 from bridge.pacing import Circuit, TokenBucket, choose_provider
 from bridge.providers.base import Flow, Provider, ProviderSettings
-from bridge.retry import Ack, DeadLetter, RetryAt, decide
+from bridge.retry import Ack, DeadLetter, RetryAt, decide, effective
 from bridge.spool import Claim, NewEntry, Spool, State
 
 __all__ = ["DeliveryWorker", "build_clients", "send_flow"]
@@ -319,6 +319,9 @@ class DeliveryWorker:
                     # it is retried, and a fixed release can deliver it.
                     log.error("delivery_internal_error", exc_info=exc)
                     outcome = Retryable(reason=f"internal error: {type(exc).__name__}")
+                # From here on a 401 is what the policy makes of it: retryable, in the
+                # circuit, the log line and the metric alike.
+                outcome = effective(outcome)
                 self._circuit(name).record(ok=not isinstance(outcome, Retryable), now=self.clock())
             decision = decide(
                 self.config.delivery.retry,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from bridge.config import RetryConfig
 from bridge.model import Delivered, Outcome, Permanent, Retryable
 
-__all__ = ["Ack", "DeadLetter", "Decision", "RetryAt", "backoff", "decide"]
+__all__ = ["Ack", "DeadLetter", "Decision", "RetryAt", "backoff", "decide", "effective"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +81,11 @@ def decide(
     Returns:
         Ack, RetryAt or DeadLetter.
     """
+    outcome = effective(outcome)
     if isinstance(outcome, Delivered):
         return Ack()
     if isinstance(outcome, Permanent):
-        if outcome.status != 401:
-            return DeadLetter(reason=outcome.reason)
-        outcome = Retryable(reason=f"{outcome.reason} (credentials refused)", status=401)
+        return DeadLetter(reason=outcome.reason)
     deadline = accepted_at + policy.max_age
     if policy.max_attempts is not None and attempt >= policy.max_attempts:
         return DeadLetter(reason=f"gave up after {attempt} attempts: {outcome.reason}")
@@ -98,3 +97,10 @@ def decide(
     if outcome.retry_after is not None:
         delay = max(delay, min(outcome.retry_after, policy.max_delay * 6))
     return RetryAt(when=min(now + delay, deadline))
+
+
+def effective(outcome: Outcome) -> Outcome:
+    """The outcome as the policy reads it: a permanent 401 is retryable (see the top)."""
+    if isinstance(outcome, Permanent) and outcome.status == 401:
+        return Retryable(reason=f"{outcome.reason} (credentials refused)", status=401)
+    return outcome

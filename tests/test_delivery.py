@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from bridge.app import build_accounts
 from bridge.config import Config
@@ -214,6 +215,22 @@ async def test_local_protocol_error_is_retryable_without_its_text(
     assert entry is not None
     assert State.DEFERRED == entry.state
     assert "HTTP error: LocalProtocolError" == entry.last_error
+
+
+async def test_401_is_logged_and_counted_as_a_retry(
+    spool: Spool, worker_for: Callable[[Api], DeliveryWorker]
+) -> None:
+    """A refused key keeps mail waiting, and the log line says retry, not permanent."""
+    eid = await queue(spool)
+
+    with capture_logs() as logs:
+        await worker_for(Api(httpx.Response(401, text="bad key"))).run_once()
+
+    entry = await spool.get(eid)
+    (line,) = [e for e in logs if e["event"] == "delivery_attempt"]
+    assert entry is not None
+    assert State.DEFERRED == entry.state
+    assert ("retry", 401, "RetryAt") == (line["outcome"], line["status"], line["decision"])
 
 
 async def test_max_age_turns_retryable_into_dead(
