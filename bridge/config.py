@@ -137,7 +137,7 @@ class ListenConfig(_Section):
     """``listen:`` the SMTP side."""
 
     host: str = "127.0.0.1"
-    port: int = Field(default=2525, ge=0, le=65535)
+    port: int = Field(default=2525, ge=0, le=65535, strict=True)
     hostname: str = "smtp-bridge.local"
     max_message_size: Annotated[Size, Field(gt=0)] = 26214400
     max_recipients: int = Field(default=1000, gt=0)
@@ -228,7 +228,7 @@ class DeliveryConfig(_Section):
     """``delivery:`` the worker pool."""
 
     concurrency: int = Field(default=32, gt=0, le=1024)
-    timeout: Duration = 30.0
+    timeout: Annotated[Duration, Field(gt=0)] = 30.0
     retry: RetryConfig = RetryConfig()
     shutdown_grace: Duration = 30.0
 
@@ -273,7 +273,7 @@ class HealthConfig(_Section):
 
     enabled: bool = True
     host: str = "127.0.0.1"
-    port: int = Field(default=9025, ge=0, le=65535)
+    port: int = Field(default=9025, ge=0, le=65535, strict=True)
     #: /readyz fails when the oldest due entry has waited longer than this.
     stale_after: Duration = 3600.0
 
@@ -485,6 +485,12 @@ def load_config(text: str, env: Mapping[str, str], *, base_dir: Path | None = No
                 "(it would be an open relay)",
             )
         )
+    if (
+        top.health.enabled
+        and top.health.port == top.listen.port != 0
+        and top.health.host == top.listen.host
+    ):
+        problems.append((("health", "port"), "must differ from listen.port"))
     for i, user in enumerate(top.auth.users):
         if [u.username for u in top.auth.users].index(user.username) != i:
             problems.append((("auth", "users", i, "username"), "duplicate username"))
@@ -504,9 +510,29 @@ def load_config(text: str, env: Mapping[str, str], *, base_dir: Path | None = No
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a repeated key is an error instead of "the last wins".
+
+    A second ``listen:`` block at the end of a long file would silently replace the
+    first one, with all its limits.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key != "<<":
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _parse_yaml(text: str) -> dict[str, Any]:
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

@@ -754,7 +754,8 @@ class Spool:
                 f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id=?",  # noqa: S608 - constant columns
                 (entry_id,),
             ).fetchone()
-            if row is None and len(entry_id) >= 6:
+            if row is None and 6 <= len(entry_id) <= 64 and entry_id.isalnum():
+                # Ids are alphanumeric, so a prefix with % or _ (LIKE wildcards) is no id.
                 rows = conn.execute(
                     f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id LIKE ? LIMIT 2",  # noqa: S608
                     (entry_id.upper() + "%",),

@@ -215,6 +215,27 @@ def test_yaml_syntax_error_gives_line_and_column() -> None:
     assert next(iter(found.values())).startswith("line ")
 
 
+def test_duplicate_key_is_an_error_with_its_line() -> None:
+    """A second listen: block does not silently replace the first."""
+    text = MINIMAL + "listen: {port: 2526}\nlisten: {port: 1}\n"
+
+    assert {"": "line 6, column 1: duplicate key 'listen'"} == problems(text)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "message"),
+    [
+        ("listen: {port: true}", "listen.port", "Input should be a valid integer"),
+        ("delivery: {timeout: 0}", "delivery.timeout", "Input should be greater than 0"),
+        ("health: {port: 2525}", "health.port", "must differ from listen.port"),
+    ],
+    ids=["boolean-port", "zero-timeout", "health-on-smtp-port"],
+)
+def test_values_that_would_misbehave_are_refused(section: str, key: str, message: str) -> None:
+    """A port of `true`, a zero timeout, two listeners on one port: each named."""
+    assert {key: message} == problems(MINIMAL + section + "\n")
+
+
 def test_top_level_must_be_a_mapping() -> None:
     """A YAML list is not a config."""
     assert {"": "the config file must be a mapping of sections"} == {
