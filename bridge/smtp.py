@@ -679,14 +679,16 @@ def _b64decode(data: bytes) -> bytes | None:
 
 
 def _valid_text(value: str | None) -> str | None:
-    """`value` with undecodable bytes (kept by aiosmtpd as surrogates) replaced by U+FFFD.
+    """`value` with undecodable bytes and control characters replaced by U+FFFD.
 
     A HELO name is only logged and reported, so a printer's stray 8-bit byte there is
-    kept visible instead of failing the spool's UTF-8 encoding (a 451 for every mail).
+    kept visible instead of failing the spool's UTF-8 encoding (a 451 for every mail),
+    and a bare CR in it cannot start a new line in whatever shows it later.
     """
     if value is None:
         return None
-    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    text = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return _CONTROL.sub("\ufffd", text)
 
 
 def _peer_ip(peer: object) -> str:
