@@ -18,6 +18,9 @@ import ssl
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from email.utils import getaddresses
 from typing import Any, AnyStr
 
 import structlog
@@ -64,6 +67,7 @@ class Reply:
     TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
     DATA_TIMEOUT = "421 4.4.2 DATA took too long, closing connection"
     SENDER_NOT_ALLOWED = "550 5.7.1 Sender address not allowed for this user"
+    FROM_NOT_ALLOWED = "550 5.7.1 From header address not allowed for this user"
     AUTH_OK = "235 2.7.0 Authentication successful"
     AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
     AUTH_ABORTED = "501 5.7.0 Authentication aborted"
@@ -598,10 +602,30 @@ class BridgeHandler:
             if self.busy == 0:
                 self.idle.set()
 
+    def from_header_allowed(self, session: Session | None, raw: bytes) -> bool:
+        """Does every From/Sender address of `raw` pass the user's `allowed_senders`?
+
+        The APIs send as the From header, not as MAIL FROM, so a user limited to
+        scanner@corp.example must not get ``From: ceo@corp.example`` through either.
+        """
+        user = getattr(session, "auth_data", None)
+        if not isinstance(user, AuthUser) or not user.allowed_senders:
+            return True
+        patterns = [p for p in user.allowed_senders if p != "<>"]
+        head = _HEADER_PARSER.parsebytes(raw[: _header_end(raw)])
+        values = [str(v) for name in ("from", "sender") for v in head.get_all(name, [])]
+        return all(matches(addr, patterns) for _, addr in getaddresses(values) if addr)
+
     async def _data(self, session: Session, envelope: Envelope) -> str:
         started = time.monotonic()
         raw = envelope.original_content or b""
         mail_from: str = envelope.mail_from or ""
+        if not self.from_header_allowed(session, raw):
+            peer = _peer_ip(session.peer)
+            self.log_transaction(
+                "rejected", envelope, len(raw), started, reply=Reply.FROM_NOT_ALLOWED, peer=peer
+            )
+            return Reply.FROM_NOT_ALLOWED
         groups = split_by_route(envelope.rcpt_tos, mail_from, self.routes)
         peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
         entries: list[NewEntry] = []
@@ -737,12 +761,20 @@ def _auth_user(session: Session) -> str | None:
     return None
 
 
+_HEADER_PARSER = BytesHeaderParser(policy=compat32)
+
+
+def _header_end(raw: bytes) -> int:
+    """Where the header block ends (at most 64 KiB in: the rest is body anyway)."""
+    end = raw.find(b"\r\n\r\n", 0, 65536)
+    if end < 0:
+        end = raw.find(b"\n\n", 0, 65536)
+    return end if end >= 0 else 65536
+
+
 def _message_id(raw: bytes) -> str | None:
     """The Message-ID header, found cheaply in the header block (for the queue listing)."""
-    end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        end = raw.find(b"\n\n")
-    head = raw[: end if end >= 0 else 65536]
+    head = raw[: _header_end(raw)]
     for line in head.splitlines():
         if line[:11].lower() == b"message-id:":
             return line[11:].strip().decode("utf-8", "replace") or None

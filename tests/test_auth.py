@@ -254,6 +254,31 @@ async def test_user_may_not_send_as_others(
     assert 250 == own[0]
 
 
+async def test_user_may_not_put_another_address_in_the_from_header(
+    start_bridge: Callable[..., Any], make_config: Callable[..., Config]
+) -> None:
+    """The APIs send as the From header, so allowed_senders applies to From and Sender too."""
+    bridge = await start_bridge(make_config(auth=users(allowed_senders=["@example.com"])))
+    wire = await opened(bridge)
+    await wire.cmd("EHLO c")
+    await wire.cmd(f"AUTH PLAIN {b64(chr(0) + 'scanner@example.com' + chr(0) + PASSWORD)}")
+
+    async def send(head: str) -> tuple[int, list[str]]:
+        await wire.cmd("MAIL FROM:<copier@example.com>")
+        await wire.cmd("RCPT TO:<b@example.org>")
+        await wire.cmd("DATA")
+        return await wire.cmd(f"{head}\r\nSubject: x\r\n\r\nhi\r\n.")
+
+    spoofed = await send("From: CEO <ceo@example.net>")
+    sender = await send("From: copier@example.com\r\nSender: ceo@example.net")
+    own = await send("From: Copier <copier@example.com>")
+    await wire.close()
+
+    assert (550, ["5.7.1 From header address not allowed for this user"]) == spoofed
+    assert 550 == sender[0]
+    assert 250 == own[0]
+
+
 async def test_no_auth_line_without_users(
     start_bridge: Callable[..., Any], make_config: Callable[..., Config]
 ) -> None:
