@@ -827,28 +827,16 @@ async def _run_steps(conn: _Conn, state: _State, steps: Sequence[Step]) -> None:
     for step in steps:
         groups = _groups(step.lines)
         for index, group in enumerate(groups):
-            if _at_risk(state, len(group)):
-                code = 0
-                for line in group:
-                    await conn.send(line)
-                    code = await _answer(conn, state, line)
-                    if state.closed or code == 354:
-                        break
-                if state.closed:
-                    return
-                if code == 354:
-                    last = index == len(groups) - 1 and step.body is not None
-                    body = step.body if last and step.body is not None else b"x\r\n"
-                    await _data(conn, state, body, step.body_cuts)
-                    if state.closed:
-                        return
-                continue
-            await conn.send(b"".join(group), step.cuts if len(groups) == 1 else ())
+            one_by_one = _at_risk(state, len(group))
+            if not one_by_one:
+                await conn.send(b"".join(group), step.cuts if len(groups) == 1 else ())
             for line in group:
+                if one_by_one:
+                    await conn.send(line)
                 code = await _answer(conn, state, line)
                 if state.closed:
                     return
-                if code == 354:
+                if code == 354:  # DATA ends its group, so this is the group's last line
                     last = index == len(groups) - 1 and step.body is not None
                     body = step.body if last and step.body is not None else b"x\r\n"
                     await _data(conn, state, body, step.body_cuts)
