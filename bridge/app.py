@@ -29,7 +29,13 @@ from bridge import health, providers
 from bridge.config import Config
 from bridge.delivery import DeliveryWorker, build_clients
 from bridge.providers.base import Provider, ProviderSettings
-from bridge.smtp import BridgeHandler, BridgeSMTP, create_smtp_server, reload_tls, tls_context
+from bridge.smtp import (
+    BridgeHandler,
+    BridgeSMTP,
+    create_smtp_server,
+    reload_tls,
+    tls_context,
+)
 from bridge.spool import Spool
 
 __all__ = ["Bridge", "build_accounts", "serve"]
@@ -170,8 +176,7 @@ class Bridge:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.handler.idle.wait(), timeout=10)
         for session in list(self.sessions):
-            if session.transport is not None:
-                session.transport.close()
+            session.shut_down()
         await self.worker.stop(self.config.delivery.shutdown_grace)
         if self.worker_task is not None:
             self.worker_task.cancel()

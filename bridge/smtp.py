@@ -66,6 +66,7 @@ class Reply:
     TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
     TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
     DATA_TIMEOUT = "421 4.4.2 DATA took too long, closing connection"
+    SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
     SENDER_NOT_ALLOWED = "550 5.7.1 Sender address not allowed for this user"
     FROM_NOT_ALLOWED = "550 5.7.1 From header address not allowed for this user"
     AUTH_OK = "235 2.7.0 Authentication successful"
@@ -153,6 +154,19 @@ class BridgeSMTP(SMTP):
         self._admitted: str | None = peer
         self._errors = 0
         await super()._handle_client()
+
+    def shut_down(self) -> None:
+        """Close the session for a shutdown, saying so with 421 (RFC 5321 §3.8).
+
+        The client keeps its mail, also when it is in the middle of DATA: nothing of
+        that transaction was stored.
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.write(Reply.SHUTTING_DOWN.encode() + b"\r\n")
+        transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
         peer: str | None = getattr(self, "_admitted", None)

@@ -407,6 +407,27 @@ async def test_pipelined_commands_are_answered_in_order(bridge: Bridge, wire: Wi
     assert '["b@example.org", "c@example.org"]' == stored(bridge)[0][1]
 
 
+async def test_shutdown_tells_open_sessions_421_even_mid_data(
+    start_bridge: Callable[..., Any], make_config: Callable[..., Config]
+) -> None:
+    """SIGTERM's stop() answers a session inside DATA with 421, and stores nothing."""
+    bridge = await start_bridge(make_config())
+    wire = await Wire.open(bridge.smtp_port)
+    await wire.reply()
+    await wire.cmd("EHLO c")
+    await wire.cmd("MAIL FROM:<a@example.com>")
+    await wire.cmd("RCPT TO:<b@example.org>")
+    assert 354 == (await wire.cmd("DATA"))[0]
+    await wire.send_raw(b"Subject: half\r\n\r\nhalf a body")
+
+    await bridge.stop()
+    reply = await wire.reply()
+    await wire.close()
+
+    assert (421, ["4.3.2 Service shutting down, try again later"]) == reply
+    assert [] == stored(bridge)
+
+
 async def test_smtplib_client(bridge: Bridge) -> None:
     """The stdlib client delivers a UTF-8 message with SMTPUTF8."""
     port = bridge.smtp_port
