@@ -81,15 +81,15 @@ class Reply:
     CANNOT_VRFY = "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery"
 
 
+# No mailbox contains a control character (RFC 5321 §4.1.2); NUL or ESC in a path is an
+# attack or a broken client, and would travel on into every JSON payload.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
 # Parameters RFC 5321 clients send on MAIL/RCPT that we accept. We advertise SIZE,
 # 8BITMIME and SMTPUTF8; AUTH= (RFC 4954 §5, sent as AUTH=<> by Office 365 and vCenter),
 # and the DSN parameters (RFC 3461: RET, ENVID, NOTIFY, ORCPT) are accepted and ignored,
 # because refusing them (aiosmtpd answers 555) loses the mail of clients that always send
 # them, while ignoring them only means no DSN options are honoured.
-# No mailbox contains a control character (RFC 5321 §4.1.2); NUL or ESC in a path is an
-# attack or a broken client, and would travel on into every JSON payload.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
 _MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "AUTH", "RET", "ENVID"}
 _RCPT_PARAMS = {"NOTIFY", "ORCPT"}
 
@@ -195,7 +195,9 @@ class BridgeSMTP(SMTP):
     async def challenge_auth(
         self, challenge: str | bytes, encode_to_b64: bool = True, log_client_response: bool = False
     ) -> _Missing | bytes:
-        """Like aiosmtpd's, but tolerant of unpadded base64 (some embedded clients)."""
+        """Like aiosmtpd's, but tolerant of unpadded base64 (some embedded clients), and
+        with one 500 for a response longer than a line.
+        """
         raw = challenge.encode() if isinstance(challenge, str) else challenge
         await self.push(b"334 " + (base64.b64encode(raw) if encode_to_b64 else raw))
         line = await self._read_auth_line()
