@@ -100,7 +100,7 @@ class Bridge:
             min_free_space=config.spool.min_free_space,
             retention=config.spool.retention,
         )
-        await spool.open()
+        await spool.open(exclusive=True)
         recovered = await spool.recover()
         accounts = build_accounts(config)
         clients = build_clients(config, accounts)

@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import fcntl
 import json
 import os
 import queue
@@ -294,17 +295,26 @@ class Spool:
         self._conn: sqlite3.Connection | None = None
         self._page_size = 4096
         self._batch_pending: int | None = None
+        self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def open(self) -> None:
+    async def open(self, *, exclusive: bool = False) -> None:
         """Open (or create) the database and start the writer thread.
 
+        Args:
+            exclusive: Hold ``<spool>.lock`` until `close` (the daemon does): a second
+                daemon on the same spool would take the first one's entries in flight
+                for crashed ones and send them again. `queue` commands open it shared.
+
         Raises:
-            SpoolError: the file cannot be opened or is not a spool.
+            SpoolError: the file cannot be opened, is not a spool, or (exclusive) another
+                daemon holds it.
         """
         if self._thread is not None:
             return
+        if exclusive:
+            self._lock_fd = await asyncio.to_thread(self._take_lock)
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
         self._thread.start()
         await self._submit(self._init_db, write=False)
@@ -318,6 +328,22 @@ class Spool:
         self._jobs.put(None)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def _take_lock(self) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = f"{self.path}.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolError(
+                f"{self.path} is in use by another smtp-bridge serve (lock {lock_path})"
+            ) from None
+        return fd
 
     def _init_db(self, _: sqlite3.Connection | None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.errors import SpoolFull
+from bridge.errors import SpoolError, SpoolFull
 from bridge.model import Envelope
 from bridge.spool import NewEntry, Spool, State, new_id
 
@@ -298,3 +298,19 @@ async def test_spool_files_are_owner_only(tmp_path: Path) -> None:
         os.umask(old)
 
     assert {"spool.sqlite3": 0o600, "spool.sqlite3-wal": 0o600, "spool.sqlite3-shm": 0o600} == modes
+
+
+async def test_exclusive_open_keeps_a_second_daemon_out(tmp_path: Path) -> None:
+    """Two daemons on one spool would resend each other's entries: the second is refused."""
+    first = Spool(tmp_path / "spool.sqlite3", min_free_space=0)
+    second = Spool(tmp_path / "spool.sqlite3", min_free_space=0)
+    reader = Spool(tmp_path / "spool.sqlite3", min_free_space=0)
+    await first.open(exclusive=True)
+
+    with pytest.raises(SpoolError, match="in use by another smtp-bridge serve"):
+        await second.open(exclusive=True)
+    await reader.open()  # the queue commands still get in
+    await reader.close()
+    await first.close()
+    await second.open(exclusive=True)  # free again once the first has closed
+    await second.close()
