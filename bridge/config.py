@@ -369,7 +369,9 @@ def _expand(
         if default is not None:
             return default
         problems.append((path, f"environment variable {name} is not set"))
-        return ""
+        # A stand-in that passes the value checks, so that the unset variable is the one
+        # problem reported here (an empty string made "Bearer " fail as whitespace).
+        return "unset"
 
     return _ENV_REF.sub(repl, node)
 

@@ -83,8 +83,38 @@ def test_header_value_unusable_in_http_is_refused_without_repeating_it(
 
     found = problems(text, {"TOKEN": value})
 
-    assert {"providers.hook.headers": message} == found
+    assert {"providers.hook.headers": f"Authorization: {message}"} == found
     assert "SECRET" not in repr(found)
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [("", "is empty"), ("SG.caf\u00e9", "contains non-ASCII characters (sent in an HTTP header)")],
+    ids=["empty", "non-ascii"],
+)
+def test_api_key_that_no_request_could_carry_is_refused(key: str, message: str) -> None:
+    """An empty or non-ASCII key fails check-config, not every delivery attempt."""
+    text = dedent(
+        """
+        providers:
+          sg: {type: sendgrid, api_key: "${KEY}"}
+        routes:
+          - provider: sg
+        """
+    )
+
+    assert {"providers.sg.api_key": message} == problems(text, {"KEY": key})
+
+
+def test_unset_variable_is_the_only_problem_of_its_value() -> None:
+    """An unset token in "Bearer ${TOKEN}" is reported once, not also as whitespace."""
+    text = MINIMAL.replace(
+        'url: "https://example.net/in"',
+        'url: "https://example.net/in", headers: {Authorization: "Bearer ${TOKEN}"}',
+    )
+
+    expected = {"providers.hook.headers.Authorization": "environment variable TOKEN is not set"}
+    assert expected == problems(text)
 
 
 def test_pem_key_material_may_span_lines() -> None:

@@ -95,15 +95,21 @@ class ProviderSettings(BaseModel):
     @classmethod
     def _usable_in_http(cls, value: object, info: ValidationInfo) -> object:
         # Keys, tokens and header values end up in HTTP header fields. A stray CR from an
-        # env file written on Windows would otherwise fail every request, with the secret
-        # quoted in the transport error. The message never repeats the value.
+        # env file written on Windows, or a non-ASCII byte, would otherwise fail every
+        # request (with the secret quoted in the transport error, or an encoding error
+        # in the adapter). The message never repeats the value.
         if info.field_name in _MULTILINE_FIELDS:
             return value
-        for text in _strings(value):
+        header_bound = isinstance(value, SecretStr | dict)
+        if isinstance(value, SecretStr) and not value.get_secret_value():
+            raise ValueError("is empty")
+        for where, text in _strings(value):
             if _UNSAFE_TEXT.search(text):
-                raise ValueError("contains a control character (CR, LF, NUL, ...)")
+                raise ValueError(f"{where}contains a control character (CR, LF, NUL, ...)")
             if text != text.strip(" \t"):
-                raise ValueError("has leading or trailing whitespace")
+                raise ValueError(f"{where}has leading or trailing whitespace")
+            if header_bound and not text.isascii():
+                raise ValueError(f"{where}contains non-ASCII characters (sent in an HTTP header)")
         return value
 
 
@@ -114,14 +120,17 @@ _UNSAFE_TEXT = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _MULTILINE_FIELDS = frozenset({"certificate", "private_key", "service_account"})
 
 
-def _strings(value: object) -> list[str]:
-    """The strings of a settings value: itself, or a dict's keys and values."""
+def _strings(value: object) -> list[tuple[str, str]]:
+    """(where, text) for the strings of a settings value: itself, or a dict's items."""
     if isinstance(value, SecretStr):
         value = value.get_secret_value()
     if isinstance(value, str):
-        return [value]
+        return [("", value)]
     if isinstance(value, dict):
-        return [t for pair in value.items() for t in pair if isinstance(t, str)]
+        out: list[tuple[str, str]] = []
+        for key, item in value.items():
+            out += [(f"{key}: ", t) for t in (key, item) if isinstance(t, str)]
+        return out
     return []
 
 
