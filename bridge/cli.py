@@ -355,6 +355,7 @@ async def _providers_test(args: argparse.Namespace) -> int:
     from bridge.delivery import build_clients, send_flow
     from bridge.mime import parse_message
     from bridge.model import Delivered, Envelope
+    from bridge.retry import effective
 
     config = _load(args.config)
     index = _route_index(config, args.route)
@@ -386,7 +387,10 @@ async def _providers_test(args: argparse.Namespace) -> int:
     ok = True
     try:
         for name in config.chain(route):
-            outcome = await send_flow(accounts[name], message, clients[name], time.time())
+            # As the daemon reads it: a refused key (401) keeps mail waiting.
+            outcome = effective(
+                await send_flow(accounts[name], message, clients[name], time.time())
+            )
             verdict = type(outcome).__name__.lower()
             detail = getattr(outcome, "reason", None) or getattr(outcome, "provider_message_id", "")
             status = getattr(outcome, "status", None)

@@ -267,6 +267,27 @@ def test_health_when_nothing_listens(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "not ready" in capsys.readouterr().err
 
 
+async def test_providers_test_reports_a_refused_key_as_retryable(tmp_path: Path) -> None:
+    """A 401 is what the daemon retries, so `providers test` says retryable, not permanent."""
+    from bridge.receiver import Receiver
+
+    rec = Receiver("127.0.0.1", 0, tmp_path / "rx", token="the-right-token")
+    await rec.start()
+    path = tmp_path / "b.yaml"
+    path.write_text(config_text(tmp_path, url=f"{rec.url}/m", ca_file=str(rec.cert_paths.ca_cert)))
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "providers", "test", "0", "--to", "you@example.org",
+            "--from", "ops@example.com", "--config", str(path), stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+    finally:
+        await rec.close()
+
+    assert 1 == proc.returncode
+    assert out.decode().startswith("hook (webhook): retryable 401")
+
+
 async def test_providers_test_sends_through_the_route_and_prints_the_answer(
     tmp_path: Path,
 ) -> None:
