@@ -19,7 +19,7 @@ import socket
 import ssl
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import httpx
@@ -100,7 +100,8 @@ class Bridge:
             min_free_space=config.spool.min_free_space,
             retention=config.spool.retention,
         )
-        await spool.open(exclusive=True)
+        with _naming("spool.path", spool.path):
+            await spool.open(exclusive=True)
         recovered = await spool.recover()
         accounts = build_accounts(config)
         clients = build_clients(config, accounts)
@@ -108,17 +109,19 @@ class Bridge:
         handler = BridgeHandler(config, spool, accounts, on_queued=worker.wake)
         sessions: weakref.WeakSet[BridgeSMTP] = weakref.WeakSet()
         tls = tls_context(config)
-        server = await create_smtp_server(
-            handler, config, port=smtp_port, sessions=sessions, tls_context=tls
-        )
+        with _naming("listen.host/listen.port", f"{config.listen.host}:{config.listen.port}"):
+            server = await create_smtp_server(
+                handler, config, port=smtp_port, sessions=sessions, tls_context=tls
+            )
         listen = config.listen
         bridge = cls(config, spool, worker, handler, server, clients, sessions=sessions, tls=tls)
         if config.health.enabled:
-            bridge.health_server = await health.serve_health(
-                config.health.host,
-                config.health.port if health_port is None else health_port,
-                bridge.readiness,
-            )
+            with _naming("health.host/health.port", f"{config.health.host}:{config.health.port}"):
+                bridge.health_server = await health.serve_health(
+                    config.health.host,
+                    config.health.port if health_port is None else health_port,
+                    bridge.readiness,
+                )
         if run_worker:
             bridge.worker_task = asyncio.create_task(worker.run_forever())
         log.info(
@@ -186,6 +189,16 @@ class Bridge:
             await client.aclose()
         await self.spool.close()
         log.info("bridge_stopped")
+
+
+@contextlib.contextmanager
+def _naming(keys: str, value: object) -> Iterator[None]:
+    """Re-raise an OSError of start-up with the config keys behind it, for the CLI's line."""
+    try:
+        yield
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise OSError(exc.errno, f"{keys} {value}: {reason}") from exc
 
 
 async def serve(config: Config) -> int:

@@ -193,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_FAIL
     except OSError as exc:
         # Ports in use, unwritable directories: the OS's own words, without a traceback.
-        print(f"smtp-bridge: {exc}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"smtp-bridge: {where}{exc.strerror or exc}", file=sys.stderr)
         return EX_OSERR
 
 

@@ -17,6 +17,7 @@ Two expansions happen before validation, so they work in every section:
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import ssl
 from collections.abc import Mapping
@@ -658,11 +659,19 @@ def check_files(config: Config) -> None:
     tls = config.listen.tls
     if tls is not None:
         cert, key = config.resolve_path(tls.cert_file), config.resolve_path(tls.key_file)
-        try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
-        except (OSError, ssl.SSLError) as exc:
-            where = f"{cert} / {key}"
-            problems.append((("listen", "tls", "cert_file"), _file_problem(exc, where)))
+        unreadable = [
+            (name, path)
+            for name, path in (("cert_file", cert), ("key_file", key))
+            if not os.access(path, os.R_OK) or path.is_dir()
+        ]
+        for name, path in unreadable:
+            problems.append((("listen", "tls", name), f"cannot read {path}"))
+        if not unreadable:
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+            except (OSError, ssl.SSLError) as exc:
+                where = f"{cert} with {key}"
+                problems.append((("listen", "tls", "cert_file"), _file_problem(exc, where)))
     for name, account in config.providers.items():
         ca = account.settings.ca_file
         if ca is None:

@@ -49,7 +49,7 @@ def test_serve_on_a_taken_port_exits_71_without_a_traceback(
 
     err = capsys.readouterr().err
     assert EX_OSERR == code
-    assert "address already in use" in err
+    assert f"listen.host/listen.port 127.0.0.1:{port}: Address already in use" in err
     assert "Traceback" not in err
 
 
@@ -105,6 +105,24 @@ def test_check_config_names_an_unusable_ca_file(
     assert found in err
 
 
+def test_check_config_names_the_missing_tls_key_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With the certificate present and the key missing, key_file is the key path named."""
+    import trustme
+
+    cert = tmp_path / "cert.pem"
+    trustme.CA().issue_cert("localhost").cert_chain_pems[0].write_to_path(str(cert))
+    path = tmp_path / "bridge.yaml"
+    tls = {"cert_file": str(cert), "key_file": str(tmp_path / "nope.pem")}
+    path.write_text(config_text(tmp_path, listen={"tls": tls}))
+
+    code = main(["check-config", str(path)])
+
+    assert EX_CONFIG == code
+    assert f"listen.tls.key_file: cannot read {tmp_path / 'nope.pem'}" in capsys.readouterr().err
+
+
 def test_check_config_on_a_binary_file_is_a_config_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -138,7 +156,9 @@ def test_shipped_examples_all_pass_check_config(capsys: pytest.CaptureFixture[st
     assert {f.name: EX_OK for f in files} == {
         name: EX_OK if code == EX_CONFIG else code for name, code in codes.items()
     }
-    assert [] == [p for p in problems if not re.match(r"\S+\.(ca_file|cert_file): cannot read", p)]
+    assert [] == [
+        p for p in problems if not re.match(r"\S+\.(ca_file|cert_file|key_file): cannot read", p)
+    ]
 
 
 def _env_names(files: list[Path]) -> set[str]:
