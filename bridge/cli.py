@@ -76,25 +76,36 @@ def build_parser() -> argparse.ArgumentParser:
     qsub = p.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
     q = qsub.add_parser("list", help="list entries, newest first")
     q.add_argument(
-        "--state", choices=["queued", "inflight", "deferred", "delivered", "dead"], default=None
+        "--state",
+        choices=["queued", "inflight", "deferred", "delivered", "dead"],
+        default=None,
+        help="only entries in this state (default: all)",
     )
-    q.add_argument("--limit", type=_bounded(1, 1_000_000), default=50)
+    q.add_argument(
+        "--limit", type=_bounded(1, 1_000_000), default=50, help="most entries (default 50)"
+    )
     q.add_argument("--json", action="store_true", help="one JSON object per line")
     _config_arg(q, nested=True)
     q = qsub.add_parser("show", help="one entry with its delivery log")
     q.add_argument("id", help="entry id (or a unique prefix of 6+ characters)")
     _config_arg(q, nested=True)
     q = qsub.add_parser("retry", help="make a deferred or dead entry due now")
-    q.add_argument("id")
+    q.add_argument("id", help="entry id (or a unique prefix of 6+ characters)")
     _config_arg(q, nested=True)
 
     p = sub.add_parser(
         "receive",
         help="run a small local HTTPS receiver that stores webhook deliveries (for trying out)",
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_bounded(0, 65535), default=8443)
-    p.add_argument("--dir", default="var/receiver", help="certificates and messages/ go here")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument(
+        "--port", type=_bounded(0, 65535), default=8443, help="port to listen on (default 8443)"
+    )
+    p.add_argument(
+        "--dir",
+        default="var/receiver",
+        help="certificates and messages/ go here (default var/receiver)",
+    )
     p.add_argument(
         "--token",
         default=os.environ.get("WEBHOOK_TOKEN"),
