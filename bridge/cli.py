@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -277,11 +278,12 @@ async def _queue(args: argparse.Namespace) -> int:
                 line = f"{e.id:26}  {e.state.value:9}  {e.attempts:5}  {_ts(e.created_at)}  {rcpts}"
                 if e.last_error:
                     line += f"  [{e.last_error[:80]}]"
-                print(line)
+                print(_printable(line))
             return EX_OK
-        entry = await spool.get(args.id)
+        entry = await spool.get(args.id) if args.id.isascii() else None
         if entry is None:
-            print(f"smtp-bridge: no entry {args.id} (give the full id, or a prefix of 6+ "
+            shown = ascii(args.id)[1:-1]
+            print(f"smtp-bridge: no entry {shown} (give the full id, or a prefix of 6+ "
                   "characters that matches one entry)", file=sys.stderr)  # fmt: skip
             return EX_NOINPUT
         if args.queue_command == "retry":
@@ -293,7 +295,7 @@ async def _queue(args: argparse.Namespace) -> int:
             return EX_FAIL
         doc = _entry_doc(entry)
         for key, value in doc.items():
-            print(f"{key:20} {value}")
+            print(_printable(f"{key:20} {'' if value is None else value}"))
         print("attempts:")
         for a in await spool.attempts(entry.id):
             status = a.status if a.status is not None else "-"
@@ -301,10 +303,19 @@ async def _queue(args: argparse.Namespace) -> int:
             line = (
                 f"  #{a.attempt} {_ts(a.started_at)} {a.provider} {a.outcome} {status} {took:.0f}ms"
             )
-            print(f"{line} {a.detail or ''}".rstrip())
+            print(_printable(f"{line} {a.detail or ''}".rstrip()))
         return EX_OK
     finally:
         await spool.close()
+
+
+def _printable(text: str) -> str:
+    """`text` for a terminal: control characters (a Message-ID or an API's error body can
+    carry ESC sequences) shown as escapes instead of acted upon."""
+    return _CONTROL_CHARS.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def _entry_doc(e: object) -> dict[str, object]:

@@ -438,6 +438,17 @@ def _first_per_path(problems: list[tuple[KeyPath, str]]) -> list[tuple[KeyPath, 
 
 
 def load_config(text: str, env: Mapping[str, str], *, base_dir: Path | None = None) -> Config:
+    """Parse and validate a config document (see `_load_config`)."""
+    try:
+        return _load_config(text, env, base_dir=base_dir)
+    except RecursionError:
+        raise ConfigError([((), _TOO_DEEP)]) from None
+
+
+_TOO_DEEP = "nesting too deep, or a YAML alias that contains itself"
+
+
+def _load_config(text: str, env: Mapping[str, str], *, base_dir: Path | None = None) -> Config:
     """Parse and validate a config document.
 
     Args:
@@ -573,7 +584,12 @@ def load_local_settings(path: Path, env: Mapping[str, str]) -> LocalSettings:
     """
     doc = _parse_yaml(_read_text(path))
     problems: list[tuple[KeyPath, str]] = []
-    sections = {k: _expand(doc[k], env, (k,), problems) for k in ("spool", "health") if k in doc}
+    try:
+        sections = {
+            k: _expand(doc[k], env, (k,), problems) for k in ("spool", "health") if k in doc
+        }
+    except RecursionError:
+        raise ConfigError([((), _TOO_DEEP)]) from None
     try:
         settings = LocalSettings.model_validate(sections)
     except ValidationError as exc:

@@ -95,8 +95,8 @@ async def serve_health(
             )
             writer.write(head.encode("latin-1") + body)
             await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeError):
-            pass
+        except (TimeoutError, ConnectionError, UnicodeError, ValueError):
+            pass  # ValueError: a request line over the stream limit; nothing to answer
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):

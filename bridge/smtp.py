@@ -25,7 +25,15 @@ from typing import Any, AnyStr
 
 import structlog
 from aiosmtpd.smtp import MISSING as _MISSING  # the "no hook answered" sentinel
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, _Missing, syntax
+from aiosmtpd.smtp import (
+    SMTP,
+    AuthResult,
+    Envelope,
+    Session,
+    TLSSetupException,
+    _Missing,
+    syntax,
+)
 
 from bridge import health
 from bridge.config import AuthUser, Config, Route
@@ -628,7 +636,9 @@ class BridgeHandler:
         if not isinstance(user, AuthUser) or not user.allowed_senders:
             return True
         patterns = [p for p in user.allowed_senders if p != "<>"]
-        head = _HEADER_PARSER.parsebytes(raw[: _header_end(raw)])
+        # The whole header section, however long: delivery reads all of it, so a From
+        # behind 64 KiB of padding must be seen here too.
+        head = _HEADER_PARSER.parsebytes(raw)
         values = [str(v) for name in ("from", "sender") for v in head.get_all(name, [])]
         return all(matches(addr, patterns) for _, addr in getaddresses(values) if addr)
 
@@ -636,7 +646,7 @@ class BridgeHandler:
         started = time.monotonic()
         raw = envelope.original_content or b""
         mail_from: str = envelope.mail_from or ""
-        if not self.from_header_allowed(session, raw):
+        if not await asyncio.to_thread(self.from_header_allowed, session, raw):
             peer = _peer_ip(session.peer)
             self.log_transaction(
                 "rejected", envelope, len(raw), started, reply=Reply.FROM_NOT_ALLOWED, peer=peer
@@ -683,7 +693,15 @@ class BridgeHandler:
         return Reply.QUEUED.format(id=ids[0])
 
     async def handle_exception(self, error: Exception) -> str:
-        """Our own fault: log it, answer 451 so the client keeps the mail, leak nothing."""
+        """Our own fault: log it, answer 451 so the client keeps the mail, leak nothing.
+
+        A failed TLS handshake or a reset connection is the client's doing, not ours:
+        one info line without a traceback, so that garbage after STARTTLS cannot fill
+        the error log.
+        """
+        if isinstance(error, ssl.SSLError | ConnectionError | TLSSetupException):
+            log.info("smtp_connection_failed", error=type(error).__name__)
+            return Reply.TEMPFAIL
         log.error("smtp_internal_error", exc_info=error)
         return Reply.TEMPFAIL
 

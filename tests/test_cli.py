@@ -170,12 +170,12 @@ def _env_names(files: list[Path]) -> set[str]:
     return names
 
 
-async def _fill(config_file: Path, tmp_path: Path) -> list[str]:
+async def _fill(config_file: Path, tmp_path: Path, message_id: str = "<m@x>") -> list[str]:
     spool = Spool(tmp_path / "spool.sqlite3", min_free_space=0)
     await spool.open()
     env = Envelope(mail_from="a@example.com", rcpt_to=("b@example.org",))
     ids = await spool.put(
-        b"Subject: x\r\n\r\ny\r\n", [NewEntry(0, "hook", env)], message_id="<m@x>"
+        b"Subject: x\r\n\r\ny\r\n", [NewEntry(0, "hook", env)], message_id=message_id
     )
     (claim,) = await spool.claim_due(spool.clock(), 1)
     await spool.finish(claim.entry, state=State.DEAD, started_at=0.0, outcome="permanent",
@@ -230,6 +230,36 @@ def test_queue_needs_neither_provider_secrets_nor_a_fixed_option_position(
     err = capsys.readouterr().err
     assert (EX_OK, EX_OK, EX_CONFIG) == (before, after, checked)
     assert "UNSET_IN_THIS_SHELL is not set" in err
+
+
+def test_queue_show_escapes_control_characters_and_refuses_odd_ids(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Message-ID with ESC sequences is printed escaped; an undecodable id is 'no entry'."""
+    (eid,) = asyncio.run(_fill(config_file, tmp_path, message_id="<\x1b[2Jx\x07@y>"))
+
+    shown = main(["queue", "show", eid, "--config", str(config_file)])
+    out = capsys.readouterr().out
+    odd = main(
+        ["queue", "show", "\udcff\udcfe\udcfd\udcfc\udcfb\udcfa", "--config", str(config_file)]
+    )
+    err = capsys.readouterr().err
+
+    assert (EX_OK, EX_NOINPUT) == (shown, odd)
+    assert "<\\x1b[2Jx\\x07@y>" in out
+    assert "\x1b" not in out
+    assert "no entry \\udcff" in err
+
+
+def test_check_config_on_a_self_referencing_alias_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A YAML alias that contains itself is one line of error, not a RecursionError."""
+    path = tmp_path / "loop.yaml"
+    path.write_text("a: &a [*a]\n")
+
+    assert EX_CONFIG == main(["check-config", str(path)])
+    assert "a YAML alias that contains itself" in capsys.readouterr().err
 
 
 def test_queue_without_spool(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
 import aiosmtplib
 import httpx
+import pytest
 
 from bridge.app import Bridge
 from bridge.cli import main
@@ -78,3 +80,26 @@ async def test_health_command_against_a_running_bridge(
         await bridge.stop()
 
     assert 0 == code
+
+
+async def test_over_long_request_line_is_dropped_quietly(
+    make_config: Callable[..., Config], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 70 KB request line closes the connection; asyncio logs no unhandled exception."""
+    config = make_config(health={"enabled": True, "port": 0})
+    bridge = await Bridge.start(config, smtp_port=0, health_port=0, run_worker=False)
+    assert bridge.health_server is not None
+    port = bridge.health_server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /" + b"A" * 70000 + b" HTTP/1.0\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        healthz = await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{port}/healthz")
+    finally:
+        await bridge.stop()
+
+    assert b"" == answer
+    assert 200 == healthz.status_code
+    assert [] == [r for r in caplog.records if r.name == "asyncio" and r.levelname == "ERROR"]

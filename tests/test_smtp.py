@@ -6,16 +6,19 @@ import asyncio
 import shutil
 import smtplib
 import sqlite3
+import ssl
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiosmtplib
 import pytest
+from aiosmtpd.smtp import TLSSetupException
 from structlog.testing import capture_logs
 
 from bridge.app import Bridge
 from bridge.config import Config
+from bridge.smtp import Reply
 from tests.smtpwire import Wire, stuff
 
 
@@ -426,6 +429,30 @@ async def test_shutdown_tells_open_sessions_421_even_mid_data(
 
     assert (421, ["4.3.2 Service shutting down, try again later"]) == reply
     assert [] == stored(bridge)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ssl.SSLError(1, "WRONG_VERSION_NUMBER"), ConnectionResetError(), TLSSetupException()],
+    ids=["ssl", "reset", "tls-setup"],
+)
+async def test_a_clients_broken_connection_is_no_internal_error(
+    bridge: Bridge, error: Exception
+) -> None:
+    """Garbage after STARTTLS or a reset is logged as info without a traceback."""
+    with capture_logs() as logs:
+        reply = await bridge.handler.handle_exception(error)
+
+    assert Reply.TEMPFAIL == reply
+    assert [("smtp_connection_failed", "info")] == [(e["event"], e["log_level"]) for e in logs]
+
+
+async def test_an_internal_error_is_logged_as_one(bridge: Bridge) -> None:
+    """A fault of ours keeps its error line with the exception."""
+    with capture_logs() as logs:
+        await bridge.handler.handle_exception(KeyError("x"))
+
+    assert [("smtp_internal_error", "error")] == [(e["event"], e["log_level"]) for e in logs]
 
 
 async def test_smtplib_client(bridge: Bridge) -> None:
