@@ -270,11 +270,13 @@ async def test_user_may_not_put_another_address_in_the_from_header(
         return await wire.cmd(f"{head}\r\nSubject: x\r\n\r\nhi\r\n.")
 
     spoofed = await send("From: CEO <ceo@example.net>")
+    padded = await send("X-Pad: " + "a" * 70000 + "\r\nFrom: ceo@example.net")
     sender = await send("From: copier@example.com\r\nSender: ceo@example.net")
     own = await send("From: Copier <copier@example.com>")
     await wire.close()
 
     assert (550, ["5.7.1 From header address not allowed for this user"]) == spoofed
+    assert 550 == padded[0]
     assert 550 == sender[0]
     assert 250 == own[0]
 
