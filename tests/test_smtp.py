@@ -284,6 +284,39 @@ async def test_no_smuggling_with_non_crlf_dot_sequences(
     assert (msg + b"\r\n").replace(b"\r\n.", b"\r\n") == rows[0][2]
 
 
+@pytest.mark.parametrize(
+    ("stream", "content"),
+    [
+        (b".\r\n", b""),
+        (b"\r\n.\r\n", b"\r\n"),
+        (b"..\r\n.\r\n", b".\r\n"),
+        (b"a\n.\r\n.\r\n", b"a\n.\r\n"),
+        (b"\n.\r\n.\r\n", b"\n.\r\n"),
+        (b"a\r\r\n.\r\n", b"a\r\r\n"),
+        (b".\r.\r\n.\r\n", b"\r.\r\n"),
+        (b"x\r\n..\r\n...\r\n.\r\n", b"x\r\n.\r\n..\r\n"),
+        (b"a\n.\r\n..\r\n.\r\n", b"a\n.\r\n.\r\n"),
+        (b"y" * 2000 + b"\n.\r\n" + b"z" * 1500 + b"\r\n.\r\n", None),
+    ],
+    ids=[
+        "empty", "one-empty-line", "stuffed-only", "bare-lf-dot-line-then-end", "leading-lf",
+        "cr-cr-lf", "stuffed-with-bare-cr", "stuffing-runs", "bare-lf-then-stuffed",
+        "long-lines-around-a-bare-lf-dot",
+    ],
+)  # fmt: skip
+async def test_end_of_data_and_unstuffing_edge_cases(
+    bridge: Bridge, wire: Wire, stream: bytes, content: bytes | None
+) -> None:
+    """Only CRLF.CRLF ends DATA (even right after LF.CRLF), and one dot is unstuffed per line."""
+    await wire.cmd("EHLO c")
+    code, _ = await transaction(wire, stream)
+    noop = await wire.cmd("NOOP")
+
+    assert (250, 250) == (code, noop[0])
+    expected = stream[:-3] if content is None else content
+    assert [expected] == [row[2] for row in stored(bridge)]
+
+
 async def test_dot_stuffing_is_removed_once(bridge: Bridge, wire: Wire) -> None:
     """Leading dots lose exactly one dot; '..' becomes '.', which does not end DATA."""
     await wire.cmd("EHLO c")
