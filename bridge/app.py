@@ -20,6 +20,7 @@ import ssl
 import time
 import weakref
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
@@ -169,8 +170,8 @@ class Bridge:
             stale_after=self.config.health.stale_after,
         )
 
-    async def stop(self) -> None:
-        """Graceful shutdown; see the module docstring."""
+    async def stop(self) -> int:
+        """Graceful shutdown (see the module docstring); returns the attempts cut off."""
         log.info("bridge_stopping")
         self.smtp_server.close()
         if self.health_server is not None:
@@ -180,7 +181,7 @@ class Bridge:
             await asyncio.wait_for(self.handler.idle.wait(), timeout=10)
         for session in list(self.sessions):
             session.shut_down()
-        await self.worker.stop(self.config.delivery.shutdown_grace)
+        cut_off = await self.worker.stop(self.config.delivery.shutdown_grace)
         if self.worker_task is not None:
             self.worker_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -188,7 +189,8 @@ class Bridge:
         for client in {id(c): c for c in self.clients.values()}.values():
             await client.aclose()
         await self.spool.close()
-        log.info("bridge_stopped")
+        log.info("bridge_stopped", attempts_cut_off=cut_off)
+        return cut_off
 
 
 @contextlib.contextmanager
@@ -217,7 +219,13 @@ async def serve(config: Config) -> int:
         sd_notify("STOPPING=1")
         if watchdog is not None:
             watchdog.cancel()
-        await bridge.stop()
+        if await bridge.stop():
+            # Attempts cut off at shutdown_grace may still run in worker threads (parsing
+            # a huge message), which nothing can interrupt; asyncio.run would wait for
+            # them. Their entries are inflight and retried at the next start, so the
+            # threads are left behind: a fresh executor for asyncio.run to shut down,
+            # and the CLI ends the process without joining the old one.
+            loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
     return 0
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -237,7 +238,15 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     check_files(config)
     configure_logging(config.logging.level, config.logging.format)
-    return asyncio.run(serve(config))
+    status = asyncio.run(serve(config))
+    first = threading.main_thread()
+    if any(t is not first and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        # serve() left attempts cut off at shutdown_grace running in worker threads;
+        # the interpreter would join them at exit. Everything is on disk already.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -228,20 +228,26 @@ class DeliveryWorker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=min(timeout, 60.0))
 
-    async def stop(self, grace: float) -> None:
+    async def stop(self, grace: float) -> int:
         """Stop claiming; let attempts in flight finish for up to `grace` seconds.
 
         Attempts still running after that are cancelled; their entries stay inflight in
         the spool and `recover()` makes them due at the next start (at-least-once).
+
+        Returns:
+            How many attempts were cut off. Their worker threads (a parse of a huge
+            message) may still be running: a thread cannot be cancelled.
         """
         self._stopping = True
         self._wake.set()
-        if self._inflight:
-            _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+        if not self._inflight:
+            return 0
+        _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        return len(pending)
 
     def _circuit(self, name: str) -> Circuit:
         circuit = self._circuits.get(name)

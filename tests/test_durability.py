@@ -120,3 +120,39 @@ async def test_sigterm_stops_cleanly_with_exit_0(tmp_path: Path) -> None:
 
     assert 0 == code, log.read_text()[-2000:]
     assert refused is not None
+
+
+async def test_sigterm_does_not_wait_for_a_parse_past_shutdown_grace(tmp_path: Path) -> None:
+    """A delivery stuck in a worker thread is cut off at shutdown_grace; the entry survives."""
+    smtp_port = free_port()
+    config = tmp_path / "bridge.yaml"
+    config.write_text(
+        config_text(tmp_path, listen={"port": smtp_port}, delivery={"shutdown_grace": "300ms"})
+    )
+    # The daemon's parser blocks for a minute: a stand-in for a message that takes that long.
+    slow = (
+        "import sys, time, bridge.delivery as d; "
+        "d.parse_message = lambda *a, **k: time.sleep(60); "
+        "from bridge.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    with (tmp_path / "daemon.log").open("ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", slow, "serve", "--config", str(config),
+            stdout=out, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+    await wait_smtp(smtp_port, proc)
+    await aiosmtplib.send(
+        b"Subject: slow\r\n\r\nx\r\n", sender="a@example.com", recipients=["b@example.org"],
+        hostname="127.0.0.1", port=smtp_port,
+    )  # fmt: skip
+    await asyncio.sleep(0.5)  # the attempt is now inside the blocked parse
+
+    started = asyncio.get_running_loop().time()
+    proc.send_signal(signal.SIGTERM)
+    code = await asyncio.wait_for(proc.wait(), 20)
+    took = asyncio.get_running_loop().time() - started
+    log = (tmp_path / "daemon.log").read_text()
+
+    assert 0 == code
+    assert took < 10, f"exit took {took:.1f} s"
+    assert '"attempts_cut_off": 1' in log
