@@ -247,6 +247,9 @@ def restrict_recipient_fields(
 ) -> bytes:
     """Replace the top-level To and Cc fields of `prepared` (the output of `prepare_raw`).
 
+    A field without any ``@`` (``To: undisclosed-recipients:;``) addresses nobody and is
+    kept as it is. Graph's MIME path uses this too.
+
     Args:
         prepared: CRLF message bytes with at most one To and one Cc field.
         to: The addresses the new To field lists; empty drops the field.
@@ -267,6 +270,11 @@ def restrict_recipient_fields(
     out: list[bytes] = []
     for item in fields:
         key = item.split(b":", 1)[0].strip().lower()
+        if key in replacement and b"@" not in item.split(b":", 1)[-1]:
+            # No address at all (``undisclosed-recipients:;``): nobody to mail, kept.
+            replacement.pop(key)
+            out.append(item)
+            continue
         if key in replacement:
             label, addresses = replacement.pop(key)
             if addresses:
@@ -305,13 +313,17 @@ class GmailProvider(Provider[GmailSettings]):
         self.oauth = OAuthClient(grant, MemoryTokenStore())
 
     def prepared(self, message: Message) -> bytes:
-        """The raw message as Gmail gets it: Bcc for envelope-only recipients, To/Cc
-        restricted to the envelope when they name anyone outside it."""
-        recipients, left_out = split_recipients(message)
+        """The raw message as Gmail gets it: Bcc for envelope-only recipients, To and Cc
+        rewritten from the envelope recipients they name.
+
+        Gmail mails every address in To, Cc and Bcc, as *it* parses them. The fields are
+        always rewritten, not only when our parser sees an outsider: ``ok@x.org;
+        other@y.org`` or a 5 KB field may parse differently there, and then the envelope
+        would no longer decide who gets the mail.
+        """
+        recipients, _ = split_recipients(message)
         raw = prepare_raw(message.raw, bcc_header=[a.email for a in recipients.bcc])
-        if left_out:
-            raw = restrict_recipient_fields(raw, recipients.to, recipients.cc)
-        return raw
+        return restrict_recipient_fields(raw, recipients.to, recipients.cc)
 
     def unsupported(self, message: Message) -> tuple[str, ...]:
         """What Gmail will not deliver as written."""

@@ -57,6 +57,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from bridge.model import Address, Attachment, Delivered, Message, Outcome, Permanent, Retryable
 from bridge.providers.base import Provider, ProviderSettings
+from bridge.providers.gmail import restrict_recipient_fields
 from bridge.providers.jsonmail import (
     ApiSettings,
     Part,
@@ -409,6 +410,9 @@ class GraphProvider(Provider[GraphSettings]):
         save = self.settings.save_to_sent_items
         if save and not left_out:
             raw = prepare_raw(message.raw, bcc_header=[a.email for a in recipients.bcc])
+            # Graph reads the recipients of a MIME message from its headers, as it parses
+            # them: To and Cc are rewritten from the envelope recipients (see Gmail's).
+            raw = restrict_recipient_fields(raw, recipients.to, recipients.cc)
             body = base64.b64encode(raw)
             if len(body) <= MAX_REQUEST_BYTES:
                 return _Plan("mime", body)

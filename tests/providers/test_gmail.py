@@ -273,6 +273,34 @@ def test_bcc_only_message_carries_all_recipients_in_bcc():
     assert "undisclosed-recipients:;" == str(sent["To"])
 
 
+@pytest.mark.parametrize(
+    "to",
+    [
+        b"ok@x.org; victim@evil.org",
+        b"ok@x.org victim@evil.org",
+        b"<ok@x.org> victim@evil.org",
+        b"ok@x.org, [victim@evil.org]",
+        b'"' + b"N" * 4100 + b'" <ok@x.org>, "a, <victim@evil.org>',
+    ],
+    ids=["semicolon", "space", "angle-then-bare", "brackets", "over-4k"],
+)
+def test_to_is_rewritten_from_the_envelope_whatever_its_syntax(to: bytes) -> None:
+    """Gmail mails what it parses in To: only envelope recipients may be in the field sent."""
+    raw = b"From: sender@example.com\r\nTo: " + to + b"\r\nSubject: x\r\n\r\nhi\r\n"
+    sent = sent_mime(provider().build_request(message(raw, ("ok@x.org",)), "t"))
+
+    shown = [
+        a.addr_spec for name in ("To", "Cc", "Bcc") for a in getattr(sent[name], "addresses", ())
+    ]
+    assert ["ok@x.org"] == shown
+    assert (
+        b"victim"
+        not in base64.urlsafe_b64decode(
+            json.loads(provider().build_request(message(raw, ("ok@x.org",)), "t").content)["raw"]
+        ).split(b"\r\n\r\n")[0]
+    )
+
+
 def test_large_message_is_a_media_upload():
     """A message whose JSON would exceed 1 MB goes as a message/rfc822 media upload."""
     big = bytes(range(256)) * 4096

@@ -294,6 +294,17 @@ def test_mime_path_when_saving_adds_bcc_for_envelope_only_recipients():
     assert () == provider(save_to_sent_items=True).unsupported(msg)
 
 
+def test_mime_path_rewrites_a_to_field_graph_might_read_differently():
+    """`To: ok; victim` (one address to us) goes with only the envelope address in To."""
+    raw = b"From: sender@example.com\r\nTo: anna@example.org; v@evil.example\r\n\r\nhi\r\n"
+    msg = message(raw, ("anna@example.org",))
+    request = provider(save_to_sent_items=True).build_request(msg, "AT")
+    sent = base64.b64decode(request.content, validate=True)
+
+    assert b"v@evil.example" not in sent
+    assert b"To: anna@example.org\r\n" in sent
+
+
 def test_envelope_narrower_than_headers_uses_json_without_outside_addresses():
     """Case 23: header addresses outside the envelope get nothing, even when MIME is preferred."""
     case = load_smtp_case("23-envelope-differs-from-headers.smtp")
