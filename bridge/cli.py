@@ -420,8 +420,8 @@ async def _providers_test(args: argparse.Namespace) -> int:
     try:
         for name in config.chain(route):
             # As the daemon reads it: a refused key (401) keeps mail waiting.
-            outcome = effective(
-                await send_flow(accounts[name], message, clients[name], time.time())
+            outcome = accounts[name].redact(
+                effective(await send_flow(accounts[name], message, clients[name], time.time()))
             )
             verdict = type(outcome).__name__.lower()
             detail = getattr(outcome, "reason", None) or getattr(outcome, "provider_message_id", "")

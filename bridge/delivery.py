@@ -327,7 +327,7 @@ class DeliveryWorker:
                     outcome = Retryable(reason=f"internal error: {type(exc).__name__}")
                 # From here on a 401 is what the policy makes of it: retryable, in the
                 # circuit, the log line and the metric alike.
-                outcome = effective(outcome)
+                outcome = provider.redact(effective(outcome))
                 self._circuit(name).record(ok=not isinstance(outcome, Retryable), now=self.clock())
             decision = decide(
                 self.config.delivery.retry,

@@ -233,6 +233,29 @@ async def test_401_is_logged_and_counted_as_a_retry(
     assert ("retry", 401, "RetryAt") == (line["outcome"], line["status"], line["decision"])
 
 
+async def test_api_echoing_our_token_does_not_put_it_in_the_log_or_spool(
+    make_config: Callable[..., Config], spool: Spool, clock: Clock
+) -> None:
+    """A 400 body that quotes our Authorization header is stored and logged redacted."""
+    hook = {"type": "webhook", "url": "https://hooks.example.net/in",
+            "headers": {"Authorization": "Bearer tok-secret-XYZ123"}}  # fmt: skip
+    config = make_config(providers={"hook": hook})
+    echo = httpx.Response(400, text="bad request; you sent Authorization: Bearer tok-secret-XYZ123")
+    client = httpx.AsyncClient(transport=httpx.MockTransport(Api(echo)))
+    worker = DeliveryWorker(
+        config, spool, build_accounts(config), {"hook": client}, clock=clock, rng=random.Random(3)
+    )
+    eid = await queue(spool)
+
+    with capture_logs() as logs:
+        await worker.run_once()
+
+    entry = await spool.get(eid)
+    assert entry is not None
+    assert "you sent Authorization: [redacted]" in (entry.last_error or "")
+    assert "tok-secret-XYZ123" not in repr(logs) + repr(await spool.attempts(eid))
+
+
 async def test_max_age_turns_retryable_into_dead(
     spool: Spool, worker_for: Callable[[Api], DeliveryWorker], clock: Clock
 ) -> None:

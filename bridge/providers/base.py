@@ -13,6 +13,7 @@ expiry, request signing) it is handed `now` by the caller.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import email.utils
 import ipaddress
 import re
@@ -185,6 +186,33 @@ class Provider(ABC, Generic[S]):
     @abstractmethod
     def interpret_response(self, response: httpx.Response) -> Outcome:
         """Classify the API's answer as delivered, retryable or permanent."""
+
+    def secrets(self) -> tuple[str, ...]:
+        """The values of this account that must never be logged, stored or bounced.
+
+        Every secret setting, and every header value (and its last word: the token of
+        ``Bearer <token>``) of a webhook. An API that echoes our request in its error
+        body must not put them into the log, the spool or a DSN.
+        """
+        found: list[str] = []
+        for value in self.settings.__dict__.values():
+            if isinstance(value, SecretStr):
+                found.append(value.get_secret_value())
+            elif isinstance(value, dict):
+                for item in value.values():
+                    if isinstance(item, str):
+                        found += [item, item.split()[-1] if item.split() else item]
+        # Short values would blank out ordinary words; real keys are long.
+        return tuple(sorted({v for v in found if len(v) >= 8}, key=len, reverse=True))
+
+    def redact(self, outcome: Outcome) -> Outcome:
+        """`outcome` with any of `secrets` in its reason replaced by ``[redacted]``."""
+        if isinstance(outcome, Delivered):
+            return outcome
+        reason = outcome.reason
+        for secret in self.secrets():
+            reason = reason.replace(secret, "[redacted]")
+        return outcome if reason == outcome.reason else dataclasses.replace(outcome, reason=reason)
 
     def unsupported(self, message: Message) -> tuple[str, ...]:
         """Parts of `message` this API cannot carry (logged once per message, never silent)."""
