@@ -56,6 +56,13 @@ async def opened(bridge: Bridge) -> Wire:
     return wire
 
 
+async def greeted(bridge: Bridge) -> Wire:
+    """A connection that has had its 220 and said EHLO."""
+    wire = await opened(bridge)
+    await wire.cmd("EHLO c")
+    return wire
+
+
 def test_password_hash_round_trip() -> None:
     """A hash verifies its password and nothing else."""
     assert verify_password(PASSWORD.encode(), HASH)
@@ -103,8 +110,7 @@ async def test_auth_plain_initial_response_and_unpadded_base64(
 ) -> None:
     """AUTH PLAIN with the credentials inline works, also without base64 padding."""
     bridge = await start_bridge(make_config(auth=users()))
-    wire = await opened(bridge)
-    await wire.cmd("EHLO c")
+    wire = await greeted(bridge)
     blob = b64(f"\0scanner@example.com\0{PASSWORD}").rstrip("=")
 
     reply = await wire.cmd(f"AUTH PLAIN {blob}")
@@ -118,8 +124,7 @@ async def test_auth_plain_with_challenge(
 ) -> None:
     """AUTH PLAIN without an initial response gets an empty 334 challenge."""
     bridge = await start_bridge(make_config(auth=users()))
-    wire = await opened(bridge)
-    await wire.cmd("EHLO c")
+    wire = await greeted(bridge)
 
     challenge = await wire.cmd("AUTH PLAIN")
     reply = await wire.cmd(b64(f"\0scanner@example.com\0{PASSWORD}"))
@@ -134,8 +139,7 @@ async def test_wrong_password_is_535_and_mail_needs_auth(
 ) -> None:
     """Bad credentials get 535; MAIL without AUTH gets 530 5.7.0."""
     bridge = await start_bridge(make_config(auth=users()))
-    wire = await opened(bridge)
-    await wire.cmd("EHLO c")
+    wire = await greeted(bridge)
 
     bad = await wire.cmd(f"AUTH PLAIN {b64(chr(0) + 'scanner@example.com' + chr(0) + 'nope')}")
     unknown = await wire.cmd(f"AUTH PLAIN {b64(chr(0) + 'who@example.com' + chr(0) + 'x')}")
@@ -152,8 +156,7 @@ async def test_login_abort_with_star(
 ) -> None:
     """A client may abort AUTH LOGIN with '*' (RFC 4954)."""
     bridge = await start_bridge(make_config(auth=users()))
-    wire = await opened(bridge)
-    await wire.cmd("EHLO c")
+    wire = await greeted(bridge)
 
     await wire.cmd("AUTH LOGIN")
     aborted = await wire.cmd("*")
@@ -168,8 +171,7 @@ async def test_over_long_auth_response_gets_one_500_and_nothing_is_read_as_a_com
 ) -> None:
     """An AUTH response longer than the line limit is answered once with 500 5.5.6."""
     bridge = await start_bridge(make_config(auth=users()))
-    wire = await opened(bridge)
-    await wire.cmd("EHLO c")
+    wire = await greeted(bridge)
     assert 334 == (await wire.cmd("AUTH LOGIN"))[0]
     # The tail would be a command of its own if the line were cut at the stream limit.
     line = b"A" * 1100 + b" NOOP" + b"B" * 900 + b"\r\n"
@@ -192,8 +194,7 @@ async def test_non_utf8_initial_response_is_501_not_an_internal_error(
 ) -> None:
     """An initial response with 8-bit bytes is bad base64 (501), not a 451 internal error."""
     bridge = await start_bridge(make_config(auth=users()))
-    wire = await opened(bridge)
-    await wire.cmd("EHLO c")
+    wire = await greeted(bridge)
 
     reply = await wire.cmd(b"AUTH " + mechanism.encode() + b" \x80\xff")
     await wire.close()
@@ -206,8 +207,7 @@ async def test_plain_with_another_authorization_identity_is_refused(
 ) -> None:
     """AUTH PLAIN acting as someone else (authzid differs) fails even with the right password."""
     bridge = await start_bridge(make_config(auth=users()))
-    wire = await opened(bridge)
-    await wire.cmd("EHLO c")
+    wire = await greeted(bridge)
 
     other = await wire.cmd("AUTH PLAIN " + b64(f"admin\0scanner@example.com\0{PASSWORD}"))
     same = await wire.cmd(
@@ -224,8 +224,7 @@ async def test_auth_without_configured_users_is_502(
 ) -> None:
     """With no users, AUTH is neither advertised nor run."""
     bridge = await start_bridge(make_config())
-    wire = await opened(bridge)
-    await wire.cmd("EHLO c")
+    wire = await greeted(bridge)
 
     plain = await wire.cmd("AUTH PLAIN " + b64("\0scanner@example.com\0x"))
     login = await wire.cmd("AUTH LOGIN")
@@ -240,8 +239,7 @@ async def test_user_may_not_send_as_others(
 ) -> None:
     """With allowed_senders, other envelope senders get 550 5.7.1."""
     bridge = await start_bridge(make_config(auth=users(allowed_senders=["@example.com"])))
-    wire = await opened(bridge)
-    await wire.cmd("EHLO c")
+    wire = await greeted(bridge)
     await wire.cmd(f"AUTH PLAIN {b64(chr(0) + 'scanner@example.com' + chr(0) + PASSWORD)}")
 
     other = await wire.cmd("MAIL FROM:<ceo@example.net>")
@@ -259,8 +257,7 @@ async def test_user_may_not_put_another_address_in_the_from_header(
 ) -> None:
     """The APIs send as the From header, so allowed_senders applies to From and Sender too."""
     bridge = await start_bridge(make_config(auth=users(allowed_senders=["@example.com"])))
-    wire = await opened(bridge)
-    await wire.cmd("EHLO c")
+    wire = await greeted(bridge)
     await wire.cmd(f"AUTH PLAIN {b64(chr(0) + 'scanner@example.com' + chr(0) + PASSWORD)}")
 
     async def send(head: str) -> tuple[int, list[str]]:
@@ -379,8 +376,7 @@ async def test_trickling_data_is_cut_at_the_data_deadline(
 ) -> None:
     """A client sending DATA a line at a time past data_timeout is cut with 421, nothing stored."""
     bridge = await start_bridge(make_config(listen={"data_timeout": "300ms"}))
-    wire = await opened(bridge)
-    await wire.cmd("EHLO c")
+    wire = await greeted(bridge)
     await wire.cmd("MAIL FROM:<a@example.com>")
     await wire.cmd("RCPT TO:<b@example.org>")
     await wire.cmd("DATA")
