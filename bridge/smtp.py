@@ -16,6 +16,7 @@ import ipaddress
 import re
 import ssl
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from email.parser import BytesHeaderParser
@@ -851,6 +852,32 @@ def _message_id(raw: bytes) -> str | None:
     return None
 
 
+def _new_session(
+    handler: BridgeHandler,
+    config: Config,
+    tls_context: ssl.SSLContext | None,
+    auth_require_tls: bool,
+    loop: asyncio.AbstractEventLoop,
+) -> BridgeSMTP:
+    """One protocol instance: the listener's settings as aiosmtpd arguments."""
+    listen = config.listen
+    implicit = listen.tls is not None and listen.tls.implicit
+    return BridgeSMTP(
+        handler,
+        data_size_limit=listen.max_message_size,
+        enable_SMTPUTF8=True,
+        decode_data=False,
+        hostname=listen.hostname,
+        ident="smtp-bridge ESMTP",
+        timeout=listen.timeout,
+        tls_context=None if implicit else tls_context,
+        require_starttls=bool(listen.tls and listen.tls.require_starttls and not implicit),
+        auth_required=bool(config.auth.users) and config.auth.required,
+        auth_require_tls=auth_require_tls,
+        loop=loop,
+    )
+
+
 def tls_context(config: Config) -> ssl.SSLContext | None:
     """The server TLS context from `listen.tls`, or None. `reload_tls` re-reads it."""
     if config.listen.tls is None:
@@ -888,26 +915,17 @@ async def create_smtp_server(
     loop = asyncio.get_running_loop()
     listen = config.listen
 
-    users = bool(config.auth.users)
     implicit = listen.tls is not None and listen.tls.implicit
     # AUTH in clear text only on loopback, with TLS, or when the operator says so.
     auth_require_tls = not (listen.is_loopback() or config.auth.allow_plaintext or implicit)
 
     def factory() -> BridgeSMTP:
-        proto = BridgeSMTP(
-            handler,
-            data_size_limit=listen.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=listen.hostname,
-            ident="smtp-bridge ESMTP",
-            timeout=listen.timeout,
-            tls_context=None if implicit else tls_context,
-            require_starttls=bool(listen.tls and listen.tls.require_starttls and not implicit),
-            auth_required=users and config.auth.required,
-            auth_require_tls=auth_require_tls,
-            loop=loop,
-        )
+        with warnings.catch_warnings():
+            # aiosmtpd warns on every connection when AUTH may go without TLS; here that
+            # is the decision above (loopback, implicit TLS or auth.allow_plaintext), and
+            # the warning would be a non-JSON line in the daemon's log.
+            warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS")
+            proto = _new_session(handler, config, tls_context, auth_require_tls, loop)
         if sessions is not None:
             sessions.add(proto)
         return proto

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import ssl
+import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -276,6 +277,19 @@ async def test_user_may_not_put_another_address_in_the_from_header(
     assert 550 == padded[0]
     assert 550 == sender[0]
     assert 250 == own[0]
+
+
+async def test_auth_without_tls_on_loopback_logs_no_python_warning(
+    start_bridge: Callable[..., Any], make_config: Callable[..., Config]
+) -> None:
+    """Plain AUTH on loopback is our decision; aiosmtpd's per-connection warning is muted."""
+    bridge = await start_bridge(make_config(auth={**users(), "required": True}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wire = await greeted(bridge)
+        await wire.close()
+
+    assert [] == [str(w.message) for w in caught if "AUTH" in str(w.message)]
 
 
 async def test_no_auth_line_without_users(
