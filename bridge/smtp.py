@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import ipaddress
+import itertools
 import re
 import ssl
 import time
@@ -488,7 +489,11 @@ class BridgeSMTP(SMTP):
         too_big = False
         tail = b"\r\n"  # the last two raw bytes so far; data starts at a line start
         at_line_start = True
-        while True:
+        for pieces in itertools.count(1):
+            if pieces % 64 == 0:
+                # A read from a filled buffer does not yield, and crafted data (LF "." CRLF
+                # without CR, every 5 bytes) makes pieces tiny: let other sessions run.
+                await asyncio.sleep(0)
             if at_line_start:
                 piece, ended = await self._at_line_start(reader)
                 at_line_start = False
