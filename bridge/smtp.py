@@ -613,12 +613,12 @@ class BridgeHandler:
 
     def sender_allowed(self, session: Session | None, address: str) -> bool:
         """May this session use `address` as its envelope sender?"""
-        user = getattr(session, "auth_data", None)
-        if not isinstance(user, AuthUser) or not user.allowed_senders:
+        allowed = _allowed_senders(session)
+        if allowed is None:
             return True
         if address == "":
-            return "<>" in user.allowed_senders
-        return matches(address, [p for p in user.allowed_senders if p != "<>"])
+            return "<>" in allowed
+        return matches(address, [p for p in allowed if p != "<>"])
 
     async def handle_EHLO(
         self,
@@ -668,19 +668,20 @@ class BridgeHandler:
             if self.busy == 0:
                 self.idle.set()
 
-    def from_header_allowed(self, session: Session | None, raw: bytes) -> bool:
+    async def from_header_allowed(self, session: Session | None, raw: bytes) -> bool:
         """Does every From/Sender address of `raw` pass the user's `allowed_senders`?
 
         The APIs send as the From header, not as MAIL FROM, so a user limited to
         scanner@corp.example must not get ``From: ceo@corp.example`` through either.
+        The header parse runs in a thread, and only for such users.
         """
-        user = getattr(session, "auth_data", None)
-        if not isinstance(user, AuthUser) or not user.allowed_senders:
+        allowed = _allowed_senders(session)
+        if allowed is None:
             return True
-        patterns = [p for p in user.allowed_senders if p != "<>"]
+        patterns = [p for p in allowed if p != "<>"]
         # The whole header section, however long: delivery reads all of it, so a From
         # behind 64 KiB of padding must be seen here too.
-        head = _HEADER_PARSER.parsebytes(raw)
+        head = await asyncio.to_thread(_HEADER_PARSER.parsebytes, raw)
         values = [str(v) for name in ("from", "sender") for v in head.get_all(name, [])]
         return all(matches(addr, patterns) for _, addr in getaddresses(values) if addr)
 
@@ -688,14 +689,13 @@ class BridgeHandler:
         started = time.monotonic()
         raw = envelope.original_content or b""
         mail_from: str = envelope.mail_from or ""
-        if not await asyncio.to_thread(self.from_header_allowed, session, raw):
-            peer = _peer_ip(session.peer)
+        peer = _peer_ip(session.peer)
+        if not await self.from_header_allowed(session, raw):
             self.log_transaction(
                 "rejected", envelope, len(raw), started, reply=Reply.FROM_NOT_ALLOWED, peer=peer
             )
             return Reply.FROM_NOT_ALLOWED
         groups = split_by_route(envelope.rcpt_tos, mail_from, self.routes)
-        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
         entries: list[NewEntry] = []
         for index, rcpts in groups.items():
             route = self.routes[index]
@@ -791,6 +791,14 @@ def _valid_text(value: str | None) -> str | None:
     return _CONTROL.sub("\ufffd", text)
 
 
+def _allowed_senders(session: Session | None) -> tuple[str, ...] | None:
+    """The logged-in user's `allowed_senders`, or None when the session may use any."""
+    user = getattr(session, "auth_data", None)
+    if not isinstance(user, AuthUser) or not user.allowed_senders:
+        return None
+    return user.allowed_senders
+
+
 def _peer_ip(peer: object) -> str:
     if isinstance(peer, tuple) and peer:
         return str(peer[0])
@@ -861,12 +869,13 @@ def _new_session(
     handler: BridgeHandler,
     config: Config,
     tls_context: ssl.SSLContext | None,
-    auth_require_tls: bool,
     loop: asyncio.AbstractEventLoop,
 ) -> BridgeSMTP:
     """One protocol instance: the listener's settings as aiosmtpd arguments."""
     listen = config.listen
     implicit = listen.tls is not None and listen.tls.implicit
+    # AUTH in clear text only on loopback, with TLS, or when the operator says so.
+    auth_require_tls = not (listen.is_loopback() or config.auth.allow_plaintext or implicit)
     return BridgeSMTP(
         handler,
         data_size_limit=listen.max_message_size,
@@ -921,16 +930,14 @@ async def create_smtp_server(
     listen = config.listen
 
     implicit = listen.tls is not None and listen.tls.implicit
-    # AUTH in clear text only on loopback, with TLS, or when the operator says so.
-    auth_require_tls = not (listen.is_loopback() or config.auth.allow_plaintext or implicit)
 
     def factory() -> BridgeSMTP:
         with warnings.catch_warnings():
-            # aiosmtpd warns on every connection when AUTH may go without TLS; here that
-            # is the decision above (loopback, implicit TLS or auth.allow_plaintext), and
-            # the warning would be a non-JSON line in the daemon's log.
+            # aiosmtpd warns on every connection when AUTH may go without TLS; that is
+            # our decision (see `_new_session`), and the warning would be a non-JSON line
+            # in the daemon's log.
             warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS")
-            proto = _new_session(handler, config, tls_context, auth_require_tls, loop)
+            proto = _new_session(handler, config, tls_context, loop)
         if sessions is not None:
             sessions.add(proto)
         return proto
