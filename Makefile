@@ -24,7 +24,8 @@ run: $(STAMP)
 	@echo "Starting the test receiver on https://127.0.0.1:8443 and the bridge on 127.0.0.1:2525 (Ctrl-C stops both)."
 	@echo "Send a test mail:  swaks --server 127.0.0.1:2525 --to you@example.org --from me@example.com   (Debian: apt-get install swaks)"
 	@printf '%s\n' "       or:  $(BIN)/python -c 'import smtplib; smtplib.SMTP(\"127.0.0.1\", 2525).sendmail(\"me@example.com\", [\"you@example.org\"], \"Subject: hi\\r\\n\\r\\nhello\\r\\n\")'"
-	@printf '%s\n' "Other commands (queue, health, check-config) in another shell:  export WEBHOOK_TOKEN=$(WEBHOOK_TOKEN); $(BIN)/smtp-bridge queue list"
+	@printf '%s\n' "In another shell: $(BIN)/smtp-bridge queue list   (check-config and providers test also need: export WEBHOOK_TOKEN=$(WEBHOOK_TOKEN))"
+	@echo "Delivered mail lands as JSON in var/receiver/messages/."
 	@$(BIN)/smtp-bridge receive --dir var/receiver & rpid=$$!; \
 	  for i in $$(seq 50); do [ -f var/receiver/ca.pem ] && break; sleep 0.1; done; \
 	  $(BIN)/smtp-bridge serve --config config/bridge.yaml & spid=$$!; \

@@ -28,6 +28,7 @@ __all__ = ["main"]
 
 EX_OK = 0
 EX_FAIL = 1
+EX_USAGE = 2
 EX_NOINPUT = 66
 EX_OSERR = 71
 EX_CONFIG = 78
@@ -175,7 +176,7 @@ def _load_local(path: str) -> LocalSettings:
 
 def _must_exist(path: str) -> None:
     if not Path(path).exists():
-        raise _NoInput(f"no config file {path} (give --config FILE or set SMTP_BRIDGE_CONFIG)")
+        raise _NoInput(f"no config file {path}")
 
 
 def _print_config_error(path: str, exc: ConfigError) -> None:
@@ -399,7 +400,7 @@ async def _providers_test(args: argparse.Namespace) -> int:
     sender = args.sender or route.default_sender
     if not sender:
         print("smtp-bridge: give --from (the route has no default_sender)", file=sys.stderr)
-        return EX_FAIL
+        return EX_USAGE
     now = datetime.now(UTC)
     raw = (
         f"From: {sender}\r\nTo: {args.to}\r\nSubject: smtp-bridge test message\r\n"

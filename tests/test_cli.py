@@ -338,6 +338,16 @@ async def test_providers_test_reports_a_refused_key_as_retryable(tmp_path: Path)
     assert out.decode().startswith("hook (webhook): retryable 401")
 
 
+def test_providers_test_without_a_sender_is_a_usage_error(
+    config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No --from and no default_sender: exit 2 (usage), nothing is sent."""
+    code = main(["providers", "test", "0", "--to", "you@example.org", "--config", str(config_file)])
+
+    assert 2 == code
+    assert "give --from" in capsys.readouterr().err
+
+
 async def test_providers_test_sends_through_the_route_and_prints_the_answer(
     tmp_path: Path,
 ) -> None:
